@@ -1,0 +1,87 @@
+import { STATUS_CODES } from 'node:http'
+import { fileURLToPath } from 'node:url'
+import fastifyPostgres from '@fastify/postgres'
+import fastifyStatic from '@fastify/static'
+import Fastify, { type FastifyError, type FastifyInstance, type FastifyServerOptions } from 'fastify'
+import type { GatewayConfig } from './config.js'
+import { migrate } from './event-log.js'
+import authPlugin from './plugins/auth.js'
+import gatewayPlugin from './plugins/gateway.js'
+import metricsPlugin from './plugins/metrics.js'
+import channelsRoutes from './routes/channels.js'
+import eventsRoutes from './routes/events.js'
+import healthRoutes from './routes/health.js'
+
+/** The configuration build() needs: a database and a secret are settled. */
+export interface AppConfig extends GatewayConfig {
+  readonly DATABASE_URL: string
+  readonly JWT_SECRET: string
+}
+
+const PUBLIC_DIR = fileURLToPath(new URL('../public/', import.meta.url))
+
+/** Hides the token a URL may carry (EventSource sends it as ?access_token=). */
+export function redactUrl (url: string): string {
+  return url.replace(/([?&]access_token=)[^&#]*/gi, '$1[redacted]')
+}
+
+export function loggerOptions (level: string): FastifyServerOptions['logger'] {
+  return {
+    level,
+    redact: ['req.headers.authorization', 'req.headers.cookie'],
+    serializers: {
+      req (request) {
+        return {
+          method: request.method,
+          url: redactUrl(request.url),
+          remoteAddress: request.ip
+        }
+      }
+    }
+  }
+}
+
+/** Makes the app, connected to its database, without listening. */
+export async function build (config: AppConfig, logger: FastifyServerOptions['logger'] = loggerOptions(config.LOG_LEVEL)): Promise<FastifyInstance> {
+  const app = Fastify({ logger, forceCloseConnections: false })
+
+  app.setErrorHandler<FastifyError>((err, request, reply) => {
+    const statusCode = err.statusCode !== undefined && err.statusCode >= 400 ? err.statusCode : 500
+    // Our own errors and Fastify's 4xx are written for the client; anything
+    // else may carry SQL or internals and is only logged.
+    const exposed = statusCode < 500 || err.code?.startsWith('GW_') === true
+    if (statusCode >= 500) request.log.error({ err }, 'request failed')
+    reply.code(statusCode).send({
+      statusCode,
+      error: STATUS_CODES[statusCode] ?? 'Error',
+      message: exposed ? err.message : 'Internal Server Error'
+    })
+  })
+
+  await app.register(fastifyPostgres, {
+    connectionString: config.DATABASE_URL,
+    max: config.PG_POOL_SIZE,
+    connectionTimeoutMillis: 5000,
+    application_name: 'pg-sse-gateway:pool'
+  })
+  // An idle client whose backend dies emits 'error' on the pool; unhandled,
+  // that would end the process.
+  app.pg.pool.on('error', (err) => app.log.warn({ err: { message: err.message } }, 'idle database client lost'))
+
+  const client = await app.pg.connect()
+  try {
+    await migrate(client)
+  } finally {
+    client.release()
+  }
+
+  await app.register(fastifyStatic, { root: PUBLIC_DIR })
+  await app.register(metricsPlugin)
+  await app.register(authPlugin, { secret: config.JWT_SECRET, publicChannels: config.publicChannels })
+  await app.register(gatewayPlugin, { connectionString: config.DATABASE_URL, heartbeatMs: config.HEARTBEAT_MS })
+
+  await app.register(healthRoutes)
+  await app.register(eventsRoutes, { config })
+  await app.register(channelsRoutes, { config })
+  return app
+}

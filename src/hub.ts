@@ -1,0 +1,91 @@
+import type { ChannelEvent } from './listener.js'
+import { encodeEvent } from './sse.js'
+
+/** Where a stream's bytes go. */
+export interface EventSink {
+  write (chunk: Buffer): void
+}
+
+/** The subset of the listener that the hub drives. */
+export interface ChannelListener {
+  listen (channel: string): Promise<void>
+  unlisten (channel: string): Promise<void>
+}
+
+interface ChannelEntry {
+  sinks: Set<EventSink>
+  /** Settles when the channel's LISTEN has run; every joiner waits on it. */
+  listening: Promise<void>
+}
+
+/**
+ * Channel → streams. The first stream on a channel makes the listener LISTEN,
+ * the last one to leave makes it UNLISTEN; each event is framed once and the
+ * same bytes are written to every stream on its channel.
+ */
+export class ChannelHub {
+  readonly #listener: ChannelListener
+  readonly #channels = new Map<string, ChannelEntry>()
+
+  constructor (listener: ChannelListener) {
+    this.#listener = listener
+  }
+
+  get channelCount (): number {
+    return this.#channels.size
+  }
+
+  subscriberCount (channel: string): number {
+    return this.#channels.get(channel)?.sinks.size ?? 0
+  }
+
+  /**
+   * Adds a sink to channels and resolves, with the function that removes it,
+   * once every channel is LISTENed. If a LISTEN fails the sink is removed
+   * again and the promise rejects.
+   */
+  async subscribe (channels: readonly string[], sink: EventSink): Promise<() => void> {
+    const waits: Promise<void>[] = []
+    for (const channel of channels) {
+      let entry = this.#channels.get(channel)
+      if (entry === undefined) {
+        entry = { sinks: new Set(), listening: this.#listener.listen(channel) }
+        // A failed LISTEN is reported to whoever waits; never unhandled.
+        entry.listening.catch(() => {})
+        this.#channels.set(channel, entry)
+      }
+      entry.sinks.add(sink)
+      waits.push(entry.listening)
+    }
+    let subscribed = true
+    const unsubscribe = (): void => {
+      if (!subscribed) return
+      subscribed = false
+      for (const channel of channels) this.#remove(channel, sink)
+    }
+    try {
+      await Promise.all(waits)
+    } catch (err) {
+      unsubscribe()
+      throw err
+    }
+    return unsubscribe
+  }
+
+  /** Frames the event once and writes it to every sink on its channel. */
+  deliver (event: ChannelEvent): number {
+    const entry = this.#channels.get(event.channel)
+    if (entry === undefined) return 0
+    const frame = Buffer.from(encodeEvent({ id: event.id, event: event.channel, data: event.data }))
+    for (const sink of entry.sinks) sink.write(frame)
+    return entry.sinks.size
+  }
+
+  #remove (channel: string, sink: EventSink): void {
+    const entry = this.#channels.get(channel)
+    if (entry === undefined || !entry.sinks.delete(sink) || entry.sinks.size > 0) return
+    this.#channels.delete(channel)
+    // Failure here means the connection is gone, and with it the LISTEN.
+    this.#listener.unlisten(channel).catch(() => {})
+  }
+}

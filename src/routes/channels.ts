@@ -1,0 +1,38 @@
+import { Type, type TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
+import type { FastifyInstance } from 'fastify'
+import type { GatewayConfig } from '../config.js'
+import { BadRequestError } from '../errors.js'
+import { checkChannelNames, checkPayload, publishAll } from './publishing.js'
+
+export interface ChannelsRoutesOptions {
+  config: GatewayConfig
+}
+
+const ChannelParams = Type.Object({ channel: Type.String() })
+
+export default async function channelsRoutes (app: FastifyInstance, { config }: ChannelsRoutesOptions): Promise<void> {
+  // The payload is the body as sent: JSON is checked, then kept as text.
+  app.removeContentTypeParser('application/json')
+  app.addContentTypeParser('application/json', { parseAs: 'string' }, (_request, body, done) => {
+    try {
+      JSON.parse(body as string)
+      done(null, body)
+    } catch {
+      done(new BadRequestError('the body is not valid JSON'), undefined)
+    }
+  })
+
+  app.withTypeProvider<TypeBoxTypeProvider>().post('/channels/:channel', {
+    bodyLimit: config.MAX_PAYLOAD_BYTES,
+    schema: { params: ChannelParams }
+  }, async (request, reply) => {
+    const { channel } = request.params
+    checkChannelNames([channel])
+    await app.authorize(request, 'publish', [channel])
+    const payload = typeof request.body === 'string' ? request.body : ''
+    checkPayload(payload, config.MAX_PAYLOAD_BYTES, 'the payload')
+    const [id] = await publishAll(app, [{ channel, payload }])
+    reply.code(201)
+    return { id, channel }
+  })
+}

@@ -1,0 +1,48 @@
+import { randomBytes } from 'node:crypto'
+import closeWithGrace from 'close-with-grace'
+import { build } from './app.js'
+import { ConfigError, loadConfig } from './config.js'
+import { type EmbeddedDatabase, startEmbeddedPostgres } from './embedded-postgres.js'
+
+function say (line: string): void {
+  process.stdout.write(line + '\n')
+}
+
+async function main (): Promise<void> {
+  const config = loadConfig()
+
+  let embedded: EmbeddedDatabase | undefined
+  let databaseUrl = config.DATABASE_URL
+  if (databaseUrl === undefined) {
+    say('DATABASE_URL is not set: starting an embedded PostgreSQL')
+    embedded = await startEmbeddedPostgres(config.EMBEDDED_PG_DIR, say)
+    databaseUrl = embedded.connectionString
+  }
+  const generatedSecret = config.JWT_SECRET === undefined
+  const jwtSecret = config.JWT_SECRET ?? randomBytes(32).toString('base64url')
+
+  const app = await build({ ...config, DATABASE_URL: databaseUrl, JWT_SECRET: jwtSecret })
+  closeWithGrace({ delay: 10_000 }, async ({ err, signal }) => {
+    if (err !== undefined) app.log.error({ err }, 'stopping on an error')
+    else app.log.info({ signal }, 'stopping')
+    await app.close()
+    await embedded?.stop()
+  })
+  const address = await app.listen({ host: config.HOST, port: config.PORT })
+
+  if (generatedSecret) {
+    // A secret made up for this run only: print tokens a newcomer can use now.
+    const demoToken = app.jwt.sign({ sub: 'demo', subscribe: ['*'], publish: ['*'] }, { expiresIn: '12h' })
+    say('')
+    say('JWT_SECRET is not set: this run signs tokens with a random secret (set JWT_SECRET to keep them valid).')
+    say(`Demo page:  ${address}/?channel=demo&access_token=${demoToken}`)
+    say(`Subscribe:  curl -N '${address}/events?channel=demo&access_token=${demoToken}'`)
+    say(`Publish:    curl -X POST -H 'Authorization: Bearer ${demoToken}' -H 'Content-Type: application/json' -d '{"hello":"world"}' ${address}/channels/demo`)
+    say('')
+  }
+}
+
+main().catch((err: unknown) => {
+  process.stderr.write(`${err instanceof ConfigError ? err.message : `pg-sse-gateway failed to start: ${(err as Error).message}`}\n`)
+  process.exit(1)
+})
