@@ -1,0 +1,171 @@
+import { randomBytes } from 'node:crypto'
+import type { AddressInfo } from 'node:net'
+import { createParser, type EventSourceMessage } from 'eventsource-parser'
+import type { FastifyInstance } from 'fastify'
+import pg from 'pg'
+import { build } from '../src/app.js'
+import { loadConfig } from '../src/config.js'
+import type { GatewayClaims } from '../src/plugins/auth.js'
+
+// The test runner (test/run.ts) sets DATABASE_URL, to the local server or an
+// embedded one; every test file works in a database of its own.
+export const ADMIN_URL = process.env.DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres'
+export const JWT_SECRET = 'test-secret-that-is-at-least-32-bytes-long'
+
+interface Teardown {
+  teardown (fn: () => unknown): void
+}
+
+function databaseUrl (name: string): string {
+  const url = new URL(ADMIN_URL)
+  url.pathname = `/${name}`
+  return url.toString()
+}
+
+/** A fresh, empty database, dropped when the test ends. */
+export async function createDatabase (t: Teardown): Promise<string> {
+  const name = `pgsse_test_${process.pid}_${randomBytes(4).toString('hex')}`
+  const admin = new pg.Client({ connectionString: ADMIN_URL })
+  await admin.connect()
+  try {
+    await admin.query(`CREATE DATABASE ${name}`)
+  } finally {
+    await admin.end()
+  }
+  t.teardown(async () => {
+    const client = new pg.Client({ connectionString: ADMIN_URL })
+    await client.connect()
+    await client.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`)
+    await client.end()
+  })
+  return databaseUrl(name)
+}
+
+/** A client on the test database, ended when the test ends. */
+export async function connect (t: Teardown, connectionString: string): Promise<pg.Client> {
+  const client = new pg.Client({ connectionString })
+  await client.connect()
+  t.teardown(() => client.end())
+  return client
+}
+
+export interface TestGateway {
+  app: FastifyInstance
+  baseUrl: string
+  databaseUrl: string
+  token (claims: GatewayClaims, options?: { expiresIn?: string | number }): string
+}
+
+/**
+ * A gateway on a fresh database, listening on a port from the OS, closed
+ * when the test ends. `env` overrides configuration variables.
+ */
+export async function startGateway (t: Teardown, env: Record<string, string> = {}, database?: string): Promise<TestGateway> {
+  const url = database ?? await createDatabase(t)
+  const config = loadConfig({ JWT_SECRET, LOG_LEVEL: 'silent', ...env, DATABASE_URL: url }, false)
+  const app = await build({ ...config, DATABASE_URL: url, JWT_SECRET: config.JWT_SECRET ?? JWT_SECRET })
+  t.teardown(() => app.close())
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as AddressInfo
+  return {
+    app,
+    baseUrl: `http://127.0.0.1:${port}`,
+    databaseUrl: url,
+    token: (claims, options) => app.jwt.sign(claims, options)
+  }
+}
+
+export interface ReceivedEvent {
+  id: string | undefined
+  event: string | undefined
+  data: string
+}
+
+/** A real SSE client: fetch and a spec-following parser. */
+export class StreamClient {
+  readonly response: Response
+  readonly events: ReceivedEvent[] = []
+  readonly comments: string[] = []
+  retry: number | undefined
+  readonly #abort: AbortController
+  #waiters: Array<() => void> = []
+  #ended = false
+  readonly done: Promise<void>
+
+  constructor (response: Response, abort: AbortController) {
+    this.response = response
+    this.#abort = abort
+    const parser = createParser({
+      onEvent: (e: EventSourceMessage) => { this.events.push({ id: e.id, event: e.event, data: e.data }); this.#wake() },
+      onRetry: (ms) => { this.retry = ms; this.#wake() },
+      onComment: (c) => { this.comments.push(c); this.#wake() }
+    })
+    this.done = (async () => {
+      const decoder = new TextDecoder()
+      try {
+        for await (const chunk of response.body as AsyncIterable<Uint8Array>) parser.feed(decoder.decode(chunk, { stream: true }))
+      } catch {}
+      this.#ended = true
+      this.#wake()
+    })()
+  }
+
+  get ended (): boolean {
+    return this.#ended
+  }
+
+  #wake (): void {
+    const waiters = this.#waiters
+    this.#waiters = []
+    for (const w of waiters) w()
+  }
+
+  /** Resolves once `predicate` holds; rejects if the stream ends first. */
+  async until (predicate: () => boolean, what = 'condition'): Promise<void> {
+    while (!predicate()) {
+      if (this.#ended) throw new Error(`stream ended before ${what}`)
+      await new Promise<void>((resolve) => this.#waiters.push(resolve))
+    }
+  }
+
+  /** Waits for `n` events in all and returns them. */
+  async take (n: number): Promise<ReceivedEvent[]> {
+    await this.until(() => this.events.length >= n, `${n} events (got ${this.events.length})`)
+    return this.events.slice(0, n)
+  }
+
+  close (): void {
+    this.#abort.abort()
+  }
+}
+
+/** Opens a stream; resolves with the response once its headers arrived. */
+export async function openStream (t: Teardown, url: string, headers: Record<string, string> = {}): Promise<StreamClient> {
+  const abort = new AbortController()
+  const response = await fetch(url, { headers, signal: abort.signal })
+  const client = new StreamClient(response, abort)
+  t.teardown(async () => {
+    client.close()
+    await client.done
+  })
+  return client
+}
+
+export function streamUrl (baseUrl: string, channels: string[], query: Record<string, string> = {}): string {
+  const url = new URL('/events', baseUrl)
+  for (const c of channels) url.searchParams.append('channel', c)
+  for (const [k, v] of Object.entries(query)) url.searchParams.set(k, v)
+  return url.toString()
+}
+
+/** POSTs a payload to /channels/:channel. */
+export async function publish (gateway: TestGateway, channel: string, body: string, options: { token?: string, contentType?: string } = {}): Promise<Response> {
+  return await fetch(`${gateway.baseUrl}/channels/${encodeURIComponent(channel)}`, {
+    method: 'POST',
+    headers: {
+      'content-type': options.contentType ?? 'text/plain',
+      authorization: `Bearer ${options.token ?? gateway.token({ publish: ['*'] })}`
+    },
+    body
+  })
+}
