@@ -51,11 +51,9 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
     // else may carry SQL or internals and is only logged.
     const exposed = statusCode < 500 || err.code?.startsWith('GW_') === true
     if (statusCode >= 500) request.log.error({ err }, 'request failed')
-    reply.code(statusCode).send({
-      statusCode,
-      error: STATUS_CODES[statusCode] ?? 'Error',
-      message: exposed ? err.message : 'Internal Server Error'
-    })
+    let message = exposed ? err.message : 'Internal Server Error'
+    if (err.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE') message = 'unsupported content type: send application/json or text/plain'
+    reply.code(statusCode).send({ statusCode, error: STATUS_CODES[statusCode] ?? 'Error', message })
   })
 
   await app.register(fastifyPostgres, {
