@@ -105,13 +105,13 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
     client.on('error', (err) => this.#onLost(client, err))
     client.on('end', () => this.#onLost(client, new Error('listener connection ended')))
     await client.connect()
+    // A listening session sits idle by design: a server-side idle timeout
+    // would silently cut it.
+    await client.query('SET idle_session_timeout = 0')
     if (this.#closed) {
       await client.end()
       return
     }
-    // A listening session sits idle by design: a server-side idle timeout
-    // would silently cut it.
-    await client.query('SET idle_session_timeout = 0')
     this.#client = client
     this.#listening.clear()
     this.#failures = 0
@@ -126,6 +126,8 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
     client.end().catch(() => {})
     if (this.#closed) return
     this.emit('disconnected', err)
+    // A 'disconnected' handler may have closed the listener.
+    if (this.#closed) return
     this.#scheduleReconnect()
   }
 
@@ -184,9 +186,12 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
     try {
       while (this.#pending.length > 0) {
         const missing = this.#pending.filter((e) => e.data === undefined && e.id !== undefined)
+        // Only the events that were pending before the read are settled:
+        // a reference that arrived during it has not been read yet and must
+        // wait for the next round, or it would be dropped as missing.
+        const settled = this.#pending.length
         if (missing.length > 0) await this.#fill(missing)
-        const batch = this.#pending
-        this.#pending = []
+        const batch = this.#pending.splice(0, settled)
         for (const e of batch) {
           if (e.data !== undefined) this.emit('event', { channel: e.channel, id: e.id, data: e.data })
         }

@@ -169,3 +169,46 @@ export async function publish (gateway: TestGateway, channel: string, body: stri
     body
   })
 }
+
+/** Bounds a wait: a missing event fails the test in seconds, not at the file's timeout. */
+export async function within<T> (promise: Promise<T>, what: string, ms = 5000): Promise<T> {
+  promise.catch(() => {})
+  let timer: NodeJS.Timeout | undefined
+  const timeout = new Promise<never>((_resolve, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), ms)
+  })
+  try {
+    return await Promise.race([promise, timeout])
+  } finally {
+    clearTimeout(timer)
+  }
+}
+
+/** Polls a condition on state nothing announces, until it holds or the deadline passes. */
+export async function waitFor (condition: () => boolean, what: string, ms = 5000): Promise<void> {
+  const deadline = Date.now() + ms
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
+    await new Promise((resolve) => setTimeout(resolve, 5))
+  }
+}
+
+/** Payloads and what a client must read of them: line breaks as LF, the rest exact. */
+export const FRAMING_CASES: ReadonlyArray<readonly [string, string]> = [
+  ['plain', 'plain'],
+  ['', ''],
+  ['two\nlines', 'two\nlines'],
+  ['crlf\r\nline', 'crlf\nline'],
+  ['lone\rcr', 'lone\ncr'],
+  ['\n', '\n'],
+  ['\r\n\r\n', '\n\n'],
+  ['trailing\n', 'trailing\n'],
+  ['  leading spaces', '  leading spaces'],
+  [' one space', ' one space'],
+  ['data: looks like a field', 'data: looks like a field'],
+  [':colon first', ':colon first'],
+  ['id: 99\nevent: spoof', 'id: 99\nevent: spoof'],
+  ['ünïcödé ✓ 🚀', 'ünïcödé ✓ 🚀'],
+  ['\u001fnot an id', '\u001fnot an id'],
+  ['{"json":\n  "pretty"}', '{"json":\n  "pretty"}']
+]

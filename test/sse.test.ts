@@ -1,6 +1,7 @@
 import { createParser, type EventSourceMessage } from 'eventsource-parser'
 import t from 'tap'
 import { encodeComment, encodeEvent, encodeRetry } from '../src/sse.js'
+import { FRAMING_CASES } from './helper.js'
 
 // What a spec-following client makes of a stream.
 function parse (stream: string): { events: EventSourceMessage[], retry: number | undefined, comments: string[] } {
@@ -13,23 +14,7 @@ function parse (stream: string): { events: EventSourceMessage[], retry: number |
 }
 
 t.test('a payload arrives exactly, line breaks as LF', async (t) => {
-  const cases: Array<[string, string]> = [
-    ['plain', 'plain'],
-    ['', ''],
-    ['two\nlines', 'two\nlines'],
-    ['crlf\r\nline', 'crlf\nline'],
-    ['lone\rcr', 'lone\ncr'],
-    ['\n', '\n'],
-    ['\r\n\r\n', '\n\n'],
-    ['trailing\n', 'trailing\n'],
-    ['  leading spaces', '  leading spaces'],
-    [' one space', ' one space'],
-    ['data: looks like a field', 'data: looks like a field'],
-    [':colon first', ':colon first'],
-    ['ünïcödé ✓ 🚀', 'ünïcödé ✓ 🚀'],
-    ['{"json":\n  "pretty"}', '{"json":\n  "pretty"}']
-  ]
-  for (const [payload, expected] of cases) {
+  for (const [payload, expected] of FRAMING_CASES) {
     const { events } = parse(encodeEvent({ id: '7', event: 'orders.eu', data: payload }))
     t.equal(events.length, 1, `one event for ${JSON.stringify(payload)}`)
     t.equal(events[0]?.data, expected, `data of ${JSON.stringify(payload)}`)

@@ -1,0 +1,301 @@
+import pg from 'pg'
+import t from 'tap'
+import { INLINE_PAYLOAD_BYTES, decodeNotification, migrate, publishEvents, readEvents } from '../src/event-log.js'
+import { connect, createDatabase } from './helper.js'
+
+interface Teardown {
+  teardown (fn: () => unknown): void
+}
+
+// Notifications as a plain LISTENing client sees them, with a way to wait for
+// a condition on them instead of sleeping.
+class Inbox {
+  readonly messages: pg.Notification[] = []
+  #waiters: Array<() => void> = []
+
+  constructor (client: pg.Client) {
+    client.on('notification', (m) => {
+      this.messages.push(m)
+      const waiters = this.#waiters
+      this.#waiters = []
+      for (const w of waiters) w()
+    })
+  }
+
+  payloads (channel: string): string[] {
+    return this.messages.filter((m) => m.channel === channel).map((m) => m.payload ?? '')
+  }
+
+  /** Resolves once `predicate` holds; rejects after 10 s so a failure names what was missing. */
+  async until (predicate: () => boolean, what: string): Promise<void> {
+    const deadline = Date.now() + 10_000
+    while (!predicate()) {
+      const left = deadline - Date.now()
+      if (left <= 0) throw new Error(`timed out waiting for ${what}; got ${JSON.stringify(this.messages.map((m) => [m.channel, m.payload]))}`)
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, left)
+        this.#waiters.push(() => { clearTimeout(timer); resolve() })
+      })
+    }
+  }
+}
+
+async function listenOn (t: Teardown, url: string, ...channels: string[]): Promise<Inbox> {
+  const client = await connect(t, url)
+  const inbox = new Inbox(client)
+  for (const c of channels) await client.query(`LISTEN ${client.escapeIdentifier(c)}`)
+  return inbox
+}
+
+function poolFor (t: Teardown, url: string): pg.Pool {
+  const pool = new pg.Pool({ connectionString: url, max: 4 })
+  t.teardown(() => pool.end())
+  return pool
+}
+
+async function publishSql (client: pg.ClientBase, channel: string | null, payload: string | null): Promise<string> {
+  const { rows } = await client.query<{ id: string }>('SELECT sse_gateway.publish($1, $2)::text AS id', [channel, payload])
+  return (rows[0] as { id: string }).id
+}
+
+async function lastId (client: pg.ClientBase): Promise<bigint> {
+  const { rows } = await client.query<{ id: string }>('SELECT last_id::text AS id FROM sse_gateway.log_head')
+  return BigInt((rows[0] as { id: string }).id)
+}
+
+/** Polls the database until `check` holds: for states that announce nothing, like a lock wait. */
+async function waitFor (check: () => Promise<boolean>, what: string): Promise<void> {
+  const deadline = Date.now() + 10_000
+  while (!await check()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
+    await new Promise((resolve) => setTimeout(resolve, 5))
+  }
+}
+
+function consecutive (ids: string[]): boolean {
+  return ids.every((id, i) => i === 0 || BigInt(id) === BigInt(ids[i - 1] as string) + 1n)
+}
+
+// The log tests share one database, migrated once; the migration tests make their own.
+const url = await createDatabase(t)
+const db = await connect(t, url)
+await migrate(db)
+const pool = poolFor(t, url)
+
+t.test('decodeNotification', async (t) => {
+  t.test('a payload without the marker is plain', async (t) => {
+    for (const payload of ['', 'plain', '42\nx', ' \x1f42\nx', 'x\x1f42\ny', '{"id":1}']) {
+      t.equal(decodeNotification(payload), null, JSON.stringify(payload))
+    }
+  })
+
+  t.test('a marker followed by anything but a valid id is plain', async (t) => {
+    const cases = [
+      '\x1f', '\x1f\n', '\x1f\nx', '\x1fabc', '\x1fabc\nx', '\x1f0', '\x1f0\nx', '\x1f01\nx', '\x1f-1\nx',
+      '\x1f 1\nx', '\x1f1 \nx', '\x1f1a\nx', '\x1f+1', '\x1f1.5', '\x1f' + '1'.repeat(20), '\x1f\x1f1\nx'
+    ]
+    for (const payload of cases) t.equal(decodeNotification(payload), null, JSON.stringify(payload))
+  })
+
+  t.test('an inline event carries its id and its payload verbatim', async (t) => {
+    t.same(decodeNotification('\x1f42\nhello'), { id: '42', data: 'hello' })
+    t.same(decodeNotification('\x1f1\n'), { id: '1', data: '' }, 'an empty payload is still inline')
+    t.same(decodeNotification('\x1f7\na\nb\r\n'), { id: '7', data: 'a\nb\r\n' }, 'only the first newline separates')
+    t.same(decodeNotification('\x1f7\n\x1f8\nx'), { id: '7', data: '\x1f8\nx' }, 'a payload may itself look like a marker')
+    t.same(decodeNotification('\x1f9223372036854775807\nmax'), { id: '9223372036854775807', data: 'max' }, 'the largest bigint')
+  })
+
+  t.test('a reference carries its id and no payload', async (t) => {
+    const decoded = decodeNotification('\x1f123')
+    t.same(decoded, { id: '123', data: undefined })
+    t.equal(decoded?.data, undefined)
+  })
+})
+
+t.test('migrate', async (t) => {
+  t.test('is idempotent: a second run changes nothing and keeps the log', async (t) => {
+    const url = await createDatabase(t)
+    const client = await connect(t, url)
+    await migrate(client)
+    const first = await publishSql(client, 'm', 'before')
+    await migrate(client)
+    const { rows } = await client.query<{ version: number }>('SELECT version FROM sse_gateway.schema_version ORDER BY version')
+    t.same(rows.map((r) => r.version), [1], 'each migration recorded once')
+    t.same(await readEvents(client, [first]), [{ id: first, channel: 'm', payload: 'before' }], 'the log survives')
+    const second = await publishSql(client, 'm', 'after')
+    t.equal(BigInt(second), BigInt(first) + 1n, 'the id sequence goes on where it was')
+  })
+
+  t.test('is safe when run concurrently from several connections', async (t) => {
+    const url = await createDatabase(t)
+    const clients = await Promise.all([1, 2, 3, 4].map(() => connect(t, url)))
+    const results = await Promise.allSettled(clients.map((c) => migrate(c)))
+    t.same(results.map((r) => r.status), ['fulfilled', 'fulfilled', 'fulfilled', 'fulfilled'],
+      results.map((r) => r.status === 'rejected' ? String(r.reason) : 'ok').join('; '))
+    const client = clients[0] as pg.Client
+    const { rows } = await client.query<{ version: number }>('SELECT version FROM sse_gateway.schema_version ORDER BY version')
+    t.same(rows.map((r) => r.version), [1], 'each migration recorded once')
+    t.equal(await lastId(client), 0n, 'one log head, untouched')
+    t.equal(await publishSql(client, 'm', 'x'), '1', 'the log works')
+  })
+})
+
+t.test('ids are returned in order, gap-free, one per event', async (t) => {
+  const inbox = await listenOn(t, url, 'ids')
+  const start = await lastId(db)
+
+  const viaPool = await publishEvents(pool, [1, 2, 3, 4, 5].map((i) => ({ channel: 'ids', payload: `pool ${i}` })))
+  t.equal(viaPool.length, 5, 'one id per event')
+  t.equal(viaPool[0], String(start + 1n), 'the first id follows the log head')
+  t.ok(consecutive(viaPool), `consecutive: ${viaPool.join(',')}`)
+
+  const { rows } = await db.query<{ ids: string[] }>(
+    "SELECT sse_gateway.publish_batch(ARRAY['ids', 'ids', 'ids'], ARRAY['sql 1', 'sql 2', 'sql 3'])::text[] AS ids")
+  const viaBatch = (rows[0] as { ids: string[] }).ids
+  t.same(viaBatch, [6n, 7n, 8n].map((k) => String(start + k)), 'publish_batch goes on from there')
+
+  const single = await publishSql(db, 'ids', 'sql single')
+  t.equal(single, String(start + 9n), 'publish takes the next one')
+
+  t.same(await publishEvents(pool, []), [], 'an empty batch has no ids')
+  t.equal(await lastId(db), start + 9n, 'and takes none')
+
+  const all = [...viaPool, ...viaBatch, single]
+  const payloads = ['pool 1', 'pool 2', 'pool 3', 'pool 4', 'pool 5', 'sql 1', 'sql 2', 'sql 3', 'sql single']
+  t.same(await readEvents(db, all), all.map((id, i) => ({ id, channel: 'ids', payload: payloads[i] })), 'one row per event')
+  await inbox.until(() => inbox.messages.length >= 9, 'nine notifications')
+  t.same(inbox.payloads('ids'), all.map((id, i) => `\x1f${id}\n${payloads[i] as string}`), 'one notification per event, in id order')
+})
+
+t.test('a rolled back publish delivers nothing, leaves no row and returns its id', async (t) => {
+  const inbox = await listenOn(t, url, 'rollback')
+  const tx = await connect(t, url)
+  await tx.query('BEGIN')
+  const doomed = await publishSql(tx, 'rollback', 'never')
+  await tx.query('ROLLBACK')
+
+  const kept = await publishSql(db, 'rollback', 'committed')
+  await inbox.until(() => inbox.messages.length >= 1, 'the committed event')
+  t.same(inbox.payloads('rollback'), [`\x1f${kept}\ncommitted`], 'only the committed event arrives')
+  t.equal(kept, doomed, 'the committed event reuses the id the rollback returned: no gap')
+  const { rows } = await db.query("SELECT id FROM sse_gateway.events WHERE payload = 'never'")
+  t.equal(rows.length, 0, 'no row left')
+})
+
+t.test('a failed publishEvents rolls back the whole batch', async (t) => {
+  const inbox = await listenOn(t, url, 'atomic')
+  const before = await lastId(db)
+  await t.rejects(publishEvents(pool, [{ channel: 'atomic', payload: 'ok' }, { channel: 'not valid', payload: 'bad' }]), { code: '22023' })
+  t.equal(await lastId(db), before, 'no id taken')
+  const id = await publishSql(db, 'atomic', 'sentinel')
+  await inbox.until(() => inbox.messages.length >= 1, 'the sentinel')
+  t.same(inbox.payloads('atomic'), [`\x1f${id}\nsentinel`], 'the valid half of the batch was not delivered')
+  const { rows } = await db.query("SELECT id FROM sse_gateway.events WHERE channel = 'atomic'")
+  t.equal(rows.length, 1)
+})
+
+t.test('invalid channel names raise SQLSTATE 22023', async (t) => {
+  const invalid = ['', ' ', 'has space', 'a'.repeat(64), 'ünï', 'semi;colon', 'new\nline', 'quo"te', 'slash/x', 'star*', '*']
+  for (const channel of invalid) {
+    await t.rejects(publishSql(db, channel, 'x'), { code: '22023' }, `publish ${JSON.stringify(channel)}`)
+    await t.rejects(publishEvents(pool, [{ channel, payload: 'x' }]), { code: '22023' }, `publishEvents ${JSON.stringify(channel)}`)
+  }
+  await t.rejects(publishSql(db, null, 'x'), { code: '22023' }, 'a null channel')
+  await t.rejects(db.query("SELECT sse_gateway.publish_batch(ARRAY['a', 'b'], ARRAY['x'])"), { code: '22023' }, 'arrays of different length')
+  await t.rejects(publishSql(db, 'ok', null), { code: '22004' }, 'a null payload')
+
+  const valid = ['a', 'a'.repeat(63), 'Orders.EU', 'tenant:42:orders', 'with-dash_and_underscore', '0']
+  for (const channel of valid) t.ok(await publishSql(db, channel, 'x'), `${channel} is accepted`)
+})
+
+t.test('the wire format: inline up to INLINE_PAYLOAD_BYTES, a reference beyond', async (t) => {
+  const inbox = await listenOn(t, url, 'wire')
+  const cases: Array<[string, string, boolean]> = [
+    ['small', 'hello', true],
+    ['empty', '', true],
+    ['lines', 'a\nb\r\nc', true],
+    ['exactly the limit', 'x'.repeat(INLINE_PAYLOAD_BYTES), true],
+    ['one byte over', 'x'.repeat(INLINE_PAYLOAD_BYTES + 1), false],
+    ['the limit in two-byte characters', 'é'.repeat(INLINE_PAYLOAD_BYTES / 2), true],
+    ['bytes count, not characters', 'é'.repeat(INLINE_PAYLOAD_BYTES / 2 + 1), false],
+    ['far beyond what NOTIFY takes', 'y'.repeat(100_000), false]
+  ]
+  const ids: string[] = []
+  for (const [, payload] of cases) ids.push(await publishSql(db, 'wire', payload))
+  await inbox.until(() => inbox.messages.length >= cases.length, `${cases.length} notifications`)
+  const rows = await readEvents(db, ids)
+  cases.forEach(([name, payload, inline], i) => {
+    const id = ids[i] as string
+    const received = inbox.messages[i]?.payload
+    if (inline) t.equal(received, `\x1f${id}\n${payload}`, `${name}: "\\x1f<id>\\n<payload>"`)
+    else t.equal(received, `\x1f${id}`, `${name}: "\\x1f<id>"`)
+    t.equal(rows[i]?.payload, payload, `${name}: the row holds the payload`)
+    t.same(decodeNotification(received ?? ''), { id, data: inline ? payload : undefined }, `${name}: decodes`)
+  })
+  t.equal(Buffer.byteLength(cases[5]?.[1] ?? ''), INLINE_PAYLOAD_BYTES, 'the two-byte case sits on the limit')
+})
+
+t.test('two identical events in one batch are two notifications', async (t) => {
+  const inbox = await listenOn(t, url, 'twins')
+  // What the marker guards against: PostgreSQL folds identical channel+payload pairs of one transaction.
+  const plain = await connect(t, url)
+  await plain.query('BEGIN')
+  await plain.query("SELECT pg_notify('twins', 'folded'), pg_notify('twins', 'folded')")
+  await plain.query('COMMIT')
+
+  const ids = await publishEvents(pool, [{ channel: 'twins', payload: 'same' }, { channel: 'twins', payload: 'same' }])
+  const { rows } = await db.query<{ ids: string[] }>("SELECT sse_gateway.publish_batch(ARRAY['twins', 'twins'], ARRAY['sql', 'sql'])::text[] AS ids")
+  const sqlIds = (rows[0] as { ids: string[] }).ids
+  await inbox.until(() => inbox.messages.length >= 5, 'five notifications')
+  t.same(inbox.payloads('twins'), [
+    'folded',
+    `\x1f${ids[0] as string}\nsame`, `\x1f${ids[1] as string}\nsame`,
+    `\x1f${sqlIds[0] as string}\nsql`, `\x1f${sqlIds[1] as string}\nsql`
+  ])
+})
+
+t.test('ids follow commit order: a second publisher waits for the first to commit', async (t) => {
+  const inbox = await listenOn(t, url, 'order')
+  const first = await connect(t, url)
+  const second = await connect(t, url)
+  const { rows } = await second.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')
+  const secondPid = (rows[0] as { pid: number }).pid
+
+  await first.query('BEGIN')
+  const firstId = await publishSql(first, 'order', 'first')
+  await second.query('BEGIN')
+  let settled = false
+  const secondId = publishSql(second, 'order', 'second').finally(() => { settled = true })
+  await waitFor(async () => {
+    const { rows } = await db.query<{ wait: string | null }>('SELECT wait_event_type AS wait FROM pg_stat_activity WHERE pid = $1', [secondPid])
+    return rows[0]?.wait === 'Lock'
+  }, 'the second publisher to wait on a lock')
+  t.notOk(settled, 'the second publish is blocked while the first is open')
+
+  await first.query('COMMIT')
+  const id = await secondId
+  await second.query('COMMIT')
+  t.equal(BigInt(id), BigInt(firstId) + 1n, 'the later committer gets the next, larger id')
+  await inbox.until(() => inbox.messages.length >= 2, 'both events')
+  t.same(inbox.payloads('order'), [`\x1f${firstId}\nfirst`, `\x1f${id}\nsecond`], 'delivered in id order')
+})
+
+t.test('a waiting publisher takes the ids a rolled back one returns', async (t) => {
+  const first = await connect(t, url)
+  const second = await connect(t, url)
+  const { rows } = await second.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')
+  const secondPid = (rows[0] as { pid: number }).pid
+
+  await first.query('BEGIN')
+  const firstId = await publishSql(first, 'order', 'doomed')
+  await second.query('BEGIN')
+  const secondId = publishSql(second, 'order', 'kept')
+  await waitFor(async () => {
+    const { rows } = await db.query<{ wait: string | null }>('SELECT wait_event_type AS wait FROM pg_stat_activity WHERE pid = $1', [secondPid])
+    return rows[0]?.wait === 'Lock'
+  }, 'the second publisher to wait on a lock')
+  await first.query('ROLLBACK')
+  const id = await secondId
+  await second.query('COMMIT')
+  t.equal(id, firstId, 'no gap')
+})
