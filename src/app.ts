@@ -76,7 +76,7 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
   await app.register(fastifyStatic, { root: PUBLIC_DIR })
   await app.register(metricsPlugin)
   await app.register(authPlugin, { secret: config.JWT_SECRET, publicChannels: config.publicChannels })
-  await app.register(gatewayPlugin, { connectionString: config.DATABASE_URL, heartbeatMs: config.HEARTBEAT_MS })
+  await app.register(gatewayPlugin, { connectionString: config.DATABASE_URL, config })
 
   await app.register(healthRoutes)
   await app.register(eventsRoutes, { config })

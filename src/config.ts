@@ -21,6 +21,13 @@ export const ConfigSchema = Type.Object({
   MAX_CHANNELS_PER_STREAM: Type.Integer({ default: 32, minimum: 1 }),
   STREAM_BUFFER_BYTES: Type.Integer({ default: 1024 * 1024, minimum: 1024 }),
   PG_POOL_SIZE: Type.Integer({ default: 10, minimum: 1 }),
+  LISTENER_LIVENESS_INTERVAL_MS: Type.Integer({ default: 10000, minimum: 10 }),
+  LISTENER_LIVENESS_TIMEOUT_MS: Type.Integer({ default: 5000, minimum: 10 }),
+  LISTENER_RECONNECT_MAX_MS: Type.Integer({ default: 10000, minimum: 10 }),
+  RETENTION_MAX_AGE_SECONDS: Type.Integer({ default: 86400, minimum: 1 }),
+  RETENTION_MAX_EVENTS: Type.Integer({ default: 1_000_000, minimum: 1 }),
+  RETENTION_INTERVAL_MS: Type.Integer({ default: 60000, minimum: 10 }),
+  IDEMPOTENCY_WINDOW_SECONDS: Type.Integer({ default: 86400, minimum: 1 }),
   EMBEDDED_PG_DIR: Type.String({ default: '.data/postgres', minLength: 1 })
 })
 

@@ -110,8 +110,29 @@ const MIGRATIONS: readonly string[] = [
   RETURNS bigint
   LANGUAGE sql
   AS $fn$ SELECT (${LOG_SCHEMA}.publish_batch(ARRAY[channel], ARRAY[payload]))[1] $fn$;
+  `,
+  `
+  -- Everything up to pruned_through has been deleted by retention. Kept apart
+  -- from log_head so that pruning never waits on publishers' row lock.
+  CREATE TABLE ${LOG_SCHEMA}.log_retention (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    pruned_through bigint NOT NULL
+  );
+  INSERT INTO ${LOG_SCHEMA}.log_retention (pruned_through) VALUES (0);
+  CREATE INDEX events_created_at ON ${LOG_SCHEMA}.events (created_at);
+
+  CREATE TABLE ${LOG_SCHEMA}.idempotency_keys (
+    key text PRIMARY KEY,
+    request_hash text NOT NULL,
+    ids bigint[] NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+  );
+  CREATE INDEX idempotency_keys_created_at ON ${LOG_SCHEMA}.idempotency_keys (created_at);
   `
 ]
+
+/** The schema version migrate() brings a database to. */
+export const SCHEMA_VERSION = MIGRATIONS.length
 
 // An arbitrary constant: the key of the advisory lock that serialises migrations.
 const MIGRATION_LOCK_KEY = 0x5e5e_0001
@@ -141,23 +162,65 @@ export interface EventToPublish {
   payload: string
 }
 
+export interface IdempotencyKey {
+  /** The key, already scoped to its client. */
+  key: string
+  /** A digest of the request: the same key with another request is refused. */
+  requestHash: string
+}
+
+export interface PublishResult {
+  ids: string[]
+  /** True when the key had been used: the ids are the first request's, nothing was published. */
+  replayed: boolean
+}
+
+export class IdempotencyConflictError extends Error {
+  override name = 'IdempotencyConflictError'
+}
+
 /**
  * Publishes events atomically: one transaction writes their log rows and
  * NOTIFYs them; either all are delivered or none is. Resolves with their ids,
- * in order, once COMMIT has succeeded.
+ * in order, once COMMIT has succeeded. With an idempotency key, a repeat of
+ * the request returns the first ids and publishes nothing; a concurrent
+ * repeat waits on the key's row until the first commits or rolls back.
  */
-export async function publishEvents (pool: pg.Pool, events: readonly EventToPublish[]): Promise<string[]> {
+export async function publishEvents (pool: pg.Pool, events: readonly EventToPublish[], idempotency?: IdempotencyKey): Promise<PublishResult> {
   const client = await pool.connect()
   let failed: unknown
   try {
     await client.query('BEGIN')
+    if (idempotency !== undefined) {
+      const claimed = await client.query(
+        `INSERT INTO ${LOG_SCHEMA}.idempotency_keys (key, request_hash, ids) VALUES ($1, $2, '{}') ON CONFLICT (key) DO NOTHING`,
+        [idempotency.key, idempotency.requestHash]
+      )
+      if (claimed.rowCount === 0) {
+        const { rows } = await client.query<{ ids: string[], request_hash: string }>(
+          `SELECT ids::text[] AS ids, request_hash FROM ${LOG_SCHEMA}.idempotency_keys WHERE key = $1`,
+          [idempotency.key]
+        )
+        await client.query('COMMIT')
+        const row = rows[0]
+        if (row === undefined || row.request_hash !== idempotency.requestHash) {
+          throw new IdempotencyConflictError('this Idempotency-Key was used for another request')
+        }
+        return { ids: row.ids, replayed: true }
+      }
+    }
     const { rows } = await client.query<{ ids: string[] }>(
       `SELECT ${LOG_SCHEMA}.publish_batch($1::text[], $2::text[])::text[] AS ids`,
       [events.map((e) => e.channel), events.map((e) => e.payload)]
     )
+    const ids = rows[0]?.ids ?? []
+    if (idempotency !== undefined) {
+      await client.query(`UPDATE ${LOG_SCHEMA}.idempotency_keys SET ids = $2::bigint[] WHERE key = $1`, [idempotency.key, ids])
+    }
     await client.query('COMMIT')
-    return rows[0]?.ids ?? []
+    return { ids, replayed: false }
   } catch (err) {
+    if (err instanceof IdempotencyConflictError) throw err
     failed = err
     await client.query('ROLLBACK').catch(() => {})
     throw err
@@ -180,4 +243,99 @@ export async function readEvents (client: pg.ClientBase, ids: readonly string[])
     [ids]
   )
   return rows
+}
+
+// 42P01: undefined_table. A listener may run on a database the gateway has
+// not migrated (yet): it then has no log to read.
+function isMissingTable (err: unknown): boolean {
+  return (err as { code?: unknown }).code === '42P01'
+}
+
+/** The id of the last committed event (0 for an empty log). */
+export async function readLogHead (client: pg.ClientBase): Promise<number> {
+  try {
+    const { rows } = await client.query<{ last_id: string }>(`SELECT last_id FROM ${LOG_SCHEMA}.log_head`)
+    return Number(rows[0]?.last_id ?? 0)
+  } catch (err) {
+    if (isMissingTable(err)) return 0
+    throw err
+  }
+}
+
+export interface LogBounds {
+  /** The id of the last committed event. */
+  head: number
+  /** Events up to this id have been pruned. */
+  prunedThrough: number
+}
+
+export async function readLogBounds (client: pg.ClientBase | pg.Pool): Promise<LogBounds> {
+  const { rows } = await client.query<{ head: string, pruned_through: string }>(
+    `SELECT (SELECT last_id FROM ${LOG_SCHEMA}.log_head) AS head, (SELECT pruned_through FROM ${LOG_SCHEMA}.log_retention) AS pruned_through`
+  )
+  return { head: Number(rows[0]?.head ?? 0), prunedThrough: Number(rows[0]?.pruned_through ?? 0) }
+}
+
+/** Up to `limit` events on the channels after an id, in id order. */
+export async function readEventsAfter (client: pg.ClientBase | pg.Pool, channels: readonly string[], afterId: number, limit: number): Promise<LoggedEvent[]> {
+  if (channels.length === 0) return []
+  try {
+    const { rows } = await client.query<LoggedEvent>(
+      `SELECT id::text AS id, channel, payload FROM ${LOG_SCHEMA}.events
+       WHERE channel = ANY($1::text[]) AND id > $2 ORDER BY id LIMIT $3`,
+      [channels, afterId, limit]
+    )
+    return rows
+  } catch (err) {
+    if (isMissingTable(err)) return []
+    throw err
+  }
+}
+
+export interface RetentionPolicy {
+  /** Events older than this are pruned. */
+  maxAgeSeconds: number
+  /** At most this many of the newest events are kept. */
+  maxEvents: number
+  /** Idempotency keys are remembered this long. */
+  idempotencyWindowSeconds: number
+}
+
+// An arbitrary constant: the key of the advisory lock held by the instance pruning.
+const PRUNE_LOCK_KEY = 0x5e5e_0002
+
+/**
+ * Deletes events past the retention policy and old idempotency keys, and
+ * records how far the log is pruned. One instance at a time does it; the
+ * others skip. Resolves with the number of events deleted.
+ */
+export async function pruneLog (pool: pg.Pool, policy: RetentionPolicy): Promise<number> {
+  const client = await pool.connect()
+  try {
+    await client.query('BEGIN')
+    const { rows: [lock] } = await client.query<{ locked: boolean }>('SELECT pg_try_advisory_xact_lock($1) AS locked', [PRUNE_LOCK_KEY])
+    if (lock?.locked !== true) {
+      await client.query('ROLLBACK')
+      return 0
+    }
+    const { rows: [cut] } = await client.query<{ through: string }>(
+      `SELECT greatest(
+         (SELECT pruned_through FROM ${LOG_SCHEMA}.log_retention),
+         (SELECT last_id FROM ${LOG_SCHEMA}.log_head) - $2,
+         coalesce((SELECT max(id) FROM ${LOG_SCHEMA}.events WHERE created_at < now() - make_interval(secs => $1)), 0)
+       ) AS through`,
+      [policy.maxAgeSeconds, policy.maxEvents]
+    )
+    const through = cut?.through ?? '0'
+    const deleted = await client.query(`DELETE FROM ${LOG_SCHEMA}.events WHERE id <= $1`, [through])
+    await client.query(`UPDATE ${LOG_SCHEMA}.log_retention SET pruned_through = $1 WHERE pruned_through < $1`, [through])
+    await client.query(`DELETE FROM ${LOG_SCHEMA}.idempotency_keys WHERE created_at < now() - make_interval(secs => $1)`, [policy.idempotencyWindowSeconds])
+    await client.query('COMMIT')
+    return deleted.rowCount ?? 0
+  } catch (err) {
+    await client.query('ROLLBACK').catch(() => {})
+    throw err
+  } finally {
+    client.release()
+  }
 }

@@ -3,7 +3,8 @@ import { encodeEvent } from './sse.js'
 
 /** Where a stream's bytes go. */
 export interface EventSink {
-  write (chunk: Buffer): void
+  /** `id` is the event's log id, for events that have one. */
+  write (frame: Buffer, id?: number): void
 }
 
 /** The subset of the listener that the hub drives. */
@@ -77,8 +78,17 @@ export class ChannelHub {
     const entry = this.#channels.get(event.channel)
     if (entry === undefined) return 0
     const frame = Buffer.from(encodeEvent({ id: event.id, event: event.channel, data: event.data }))
-    for (const sink of entry.sinks) sink.write(frame)
+    const id = event.id === undefined ? undefined : Number(event.id)
+    for (const sink of entry.sinks) sink.write(frame, id)
     return entry.sinks.size
+  }
+
+  /** Writes a frame once to every sink of every channel. */
+  broadcast (frame: Buffer): number {
+    const sinks = new Set<EventSink>()
+    for (const entry of this.#channels.values()) for (const sink of entry.sinks) sinks.add(sink)
+    for (const sink of sinks) sink.write(frame)
+    return sinks.size
   }
 
   #remove (channel: string, sink: EventSink): void {

@@ -1,6 +1,6 @@
 import pg from 'pg'
 import t from 'tap'
-import { INLINE_PAYLOAD_BYTES, decodeNotification, migrate, publishEvents, readEvents } from '../src/event-log.js'
+import { INLINE_PAYLOAD_BYTES, SCHEMA_VERSION, decodeNotification, migrate, publishEvents, readEvents } from '../src/event-log.js'
 import { connect, createDatabase } from './helper.js'
 
 interface Teardown {
@@ -112,6 +112,8 @@ t.test('decodeNotification', async (t) => {
   })
 })
 
+const ALL_VERSIONS = Array.from({ length: SCHEMA_VERSION }, (_, i) => i + 1)
+
 t.test('migrate', async (t) => {
   t.test('is idempotent: a second run changes nothing and keeps the log', async (t) => {
     const url = await createDatabase(t)
@@ -120,7 +122,7 @@ t.test('migrate', async (t) => {
     const first = await publishSql(client, 'm', 'before')
     await migrate(client)
     const { rows } = await client.query<{ version: number }>('SELECT version FROM sse_gateway.schema_version ORDER BY version')
-    t.same(rows.map((r) => r.version), [1], 'each migration recorded once')
+    t.same(rows.map((r) => r.version), ALL_VERSIONS, 'each migration recorded once')
     t.same(await readEvents(client, [first]), [{ id: first, channel: 'm', payload: 'before' }], 'the log survives')
     const second = await publishSql(client, 'm', 'after')
     t.equal(BigInt(second), BigInt(first) + 1n, 'the id sequence goes on where it was')
@@ -134,7 +136,7 @@ t.test('migrate', async (t) => {
       results.map((r) => r.status === 'rejected' ? String(r.reason) : 'ok').join('; '))
     const client = clients[0] as pg.Client
     const { rows } = await client.query<{ version: number }>('SELECT version FROM sse_gateway.schema_version ORDER BY version')
-    t.same(rows.map((r) => r.version), [1], 'each migration recorded once')
+    t.same(rows.map((r) => r.version), ALL_VERSIONS, 'each migration recorded once')
     t.equal(await lastId(client), 0n, 'one log head, untouched')
     t.equal(await publishSql(client, 'm', 'x'), '1', 'the log works')
   })
@@ -144,7 +146,7 @@ t.test('ids are returned in order, gap-free, one per event', async (t) => {
   const inbox = await listenOn(t, url, 'ids')
   const start = await lastId(db)
 
-  const viaPool = await publishEvents(pool, [1, 2, 3, 4, 5].map((i) => ({ channel: 'ids', payload: `pool ${i}` })))
+  const viaPool = (await publishEvents(pool, [1, 2, 3, 4, 5].map((i) => ({ channel: 'ids', payload: `pool ${i}` })))).ids
   t.equal(viaPool.length, 5, 'one id per event')
   t.equal(viaPool[0], String(start + 1n), 'the first id follows the log head')
   t.ok(consecutive(viaPool), `consecutive: ${viaPool.join(',')}`)
@@ -157,7 +159,7 @@ t.test('ids are returned in order, gap-free, one per event', async (t) => {
   const single = await publishSql(db, 'ids', 'sql single')
   t.equal(single, String(start + 9n), 'publish takes the next one')
 
-  t.same(await publishEvents(pool, []), [], 'an empty batch has no ids')
+  t.same((await publishEvents(pool, [])).ids, [], 'an empty batch has no ids')
   t.equal(await lastId(db), start + 9n, 'and takes none')
 
   const all = [...viaPool, ...viaBatch, single]
@@ -243,7 +245,7 @@ t.test('two identical events in one batch are two notifications', async (t) => {
   await plain.query("SELECT pg_notify('twins', 'folded'), pg_notify('twins', 'folded')")
   await plain.query('COMMIT')
 
-  const ids = await publishEvents(pool, [{ channel: 'twins', payload: 'same' }, { channel: 'twins', payload: 'same' }])
+  const ids = (await publishEvents(pool, [{ channel: 'twins', payload: 'same' }, { channel: 'twins', payload: 'same' }])).ids
   const { rows } = await db.query<{ ids: string[] }>("SELECT sse_gateway.publish_batch(ARRAY['twins', 'twins'], ARRAY['sql', 'sql'])::text[] AS ids")
   const sqlIds = (rows[0] as { ids: string[] }).ids
   await inbox.until(() => inbox.messages.length >= 5, 'five notifications')

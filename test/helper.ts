@@ -84,7 +84,10 @@ export interface ReceivedEvent {
 /** A real SSE client: fetch and a spec-following parser. */
 export class StreamClient {
   readonly response: Response
+  /** Events of channels. */
   readonly events: ReceivedEvent[] = []
+  /** Events of the gateway itself (`gateway/open`, `gateway/missed`, `gateway/gap`). */
+  readonly control: ReceivedEvent[] = []
   readonly comments: string[] = []
   retry: number | undefined
   readonly #abort: AbortController
@@ -96,7 +99,11 @@ export class StreamClient {
     this.response = response
     this.#abort = abort
     const parser = createParser({
-      onEvent: (e: EventSourceMessage) => { this.events.push({ id: e.id, event: e.event, data: e.data }); this.#wake() },
+      onEvent: (e: EventSourceMessage) => {
+        const received = { id: e.id, event: e.event, data: e.data };
+        (e.event?.startsWith('gateway/') === true ? this.control : this.events).push(received)
+        this.#wake()
+      },
       onRetry: (ms) => { this.retry = ms; this.#wake() },
       onComment: (c) => { this.comments.push(c); this.#wake() }
     })

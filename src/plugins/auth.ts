@@ -25,9 +25,9 @@ declare module 'fastify' {
      * Checks that the request may `action` every channel: throws 401 for a
      * missing, invalid or expired token and 403 for a token that does not
      * cover a channel. Subscribing to channels that are all public needs no
-     * token.
+     * token. Resolves with the token's claims, or null when none was needed.
      */
-    authorize (request: FastifyRequest, action: ChannelAction, channels: Iterable<string>): Promise<void>
+    authorize (request: FastifyRequest, action: ChannelAction, channels: Iterable<string>): Promise<GatewayClaims | null>
   }
 }
 
@@ -55,9 +55,9 @@ export default fp<AuthPluginOptions>(async function authPlugin (app, { secret, p
     verify: { algorithms: ['HS256'] }
   })
 
-  app.decorate('authorize', async function authorize (request: FastifyRequest, action: ChannelAction, channels: Iterable<string>) {
+  app.decorate('authorize', async function authorize (request: FastifyRequest, action: ChannelAction, channels: Iterable<string>): Promise<GatewayClaims | null> {
     const wanted = [...channels]
-    if (action === 'subscribe' && publicChannels.matchesAll(wanted)) return
+    if (action === 'subscribe' && publicChannels.matchesAll(wanted)) return null
     const token = bearerOrQueryToken(request)
     if (token === undefined || token === '') {
       throw new UnauthorizedError(`a token is needed to ${action}: send Authorization: Bearer <token> or ?access_token=<token>`)
@@ -74,5 +74,6 @@ export default fp<AuthPluginOptions>(async function authPlugin (app, { secret, p
     if (denied.length > 0) {
       throw new ForbiddenError(`the token does not allow to ${action} on ${denied.map((c) => `"${c}"`).join(', ')}`)
     }
+    return claims
   })
 }, { name: 'gateway-auth' })

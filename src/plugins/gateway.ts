@@ -1,8 +1,10 @@
 import fp from 'fastify-plugin'
-import type { EventStream } from '../event-stream.js'
+import type { GatewayConfig } from '../config.js'
+import { pruneLog } from '../event-log.js'
+import { type EventStream, GATEWAY_EVENTS } from '../event-stream.js'
 import { ChannelHub } from '../hub.js'
 import { ListenerConnection } from '../listener.js'
-import { encodeComment } from '../sse.js'
+import { encodeComment, encodeEvent } from '../sse.js'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -15,34 +17,38 @@ declare module 'fastify' {
 
 export interface GatewayPluginOptions {
   connectionString: string
-  heartbeatMs: number
+  config: GatewayConfig
 }
 
 /** The listener connection and the hub fed by it, owned by the app. */
-export default fp<GatewayPluginOptions>(async function gatewayPlugin (app, { connectionString, heartbeatMs }) {
-  const listener = new ListenerConnection({ connectionString })
+export default fp<GatewayPluginOptions>(async function gatewayPlugin (app, { connectionString, config }) {
+  const listener = new ListenerConnection({
+    connectionString,
+    livenessIntervalMs: config.LISTENER_LIVENESS_INTERVAL_MS,
+    livenessTimeoutMs: config.LISTENER_LIVENESS_TIMEOUT_MS,
+    reconnectDelayMaxMs: config.LISTENER_RECONNECT_MAX_MS
+  })
   const hub = new ChannelHub(listener)
   const streams = new Set<EventStream>()
   const { metrics } = app
-  let everConnected = false
 
   listener.on('event', (event) => {
     metrics.eventsReceived.inc({ kind: event.id === undefined ? 'plain' : 'logged' })
     metrics.eventsDelivered.inc(hub.deliver(event))
   })
-  listener.on('connected', () => {
-    metrics.listenerConnected.set(1)
-    metrics.channelsListened.set(listener.channels.size)
-    if (everConnected) {
-      metrics.listenerReconnects.inc()
-      app.log.info({ channels: listener.channels.size }, 'listener reconnected and re-LISTENed its channels')
-    } else {
+  listener.on('connected', ({ reconnected, caughtUp }) => {
+    if (!reconnected) {
       app.log.info('listener connected')
+      return
     }
-    everConnected = true
+    metrics.listenerReconnects.inc()
+    metrics.eventsCaughtUp.inc(caughtUp)
+    // Logged events were caught up from the log; plain NOTIFYs sent while
+    // the listener was away are gone, and every stream is told so.
+    const told = hub.broadcast(Buffer.from(encodeEvent({ event: GATEWAY_EVENTS.gap, data: JSON.stringify({ reason: 'listener reconnected: plain notifications sent meanwhile may be lost' }) })))
+    app.log.info({ channels: listener.channels.size, caughtUp, streamsTold: told }, 'listener reconnected, re-LISTENed its channels and caught up')
   })
   listener.on('disconnected', (err) => {
-    metrics.listenerConnected.set(0)
     app.log.warn({ err: { message: err.message } }, 'listener connection lost; reconnecting')
   })
   listener.on('error', (err) => {
@@ -58,13 +64,25 @@ export default fp<GatewayPluginOptions>(async function gatewayPlugin (app, { con
   const heartbeat = Buffer.from(encodeComment('heartbeat'))
   const heartbeatTimer = setInterval(() => {
     for (const stream of streams) stream.write(heartbeat)
-  }, heartbeatMs)
+  }, config.HEARTBEAT_MS)
   heartbeatTimer.unref()
+
+  const retentionTimer = setInterval(() => {
+    pruneLog(app.pg.pool, {
+      maxAgeSeconds: config.RETENTION_MAX_AGE_SECONDS,
+      maxEvents: config.RETENTION_MAX_EVENTS,
+      idempotencyWindowSeconds: config.IDEMPOTENCY_WINDOW_SECONDS
+    }).then((deleted) => {
+      if (deleted > 0) app.log.info({ deleted }, 'event log pruned')
+    }, (err: Error) => app.log.warn({ err: { message: err.message } }, 'pruning the event log failed'))
+  }, config.RETENTION_INTERVAL_MS)
+  retentionTimer.unref()
 
   // Streams never finish by themselves: end them so that close() can finish.
   // Clients reconnect (elsewhere) on their own.
   app.addHook('preClose', async () => {
     clearInterval(heartbeatTimer)
+    clearInterval(retentionTimer)
     for (const stream of streams) stream.end()
   })
   app.addHook('onClose', async () => {

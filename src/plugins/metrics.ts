@@ -6,10 +6,13 @@ export interface GatewayMetrics {
   streamsOpen: Gauge
   channelsListened: Gauge
   listenerConnected: Gauge
+  notifyQueueUsage: Gauge
   listenerReconnects: Counter
   eventsPublished: Counter
   eventsReceived: Counter<'kind'>
   eventsDelivered: Counter
+  eventsReplayed: Counter
+  eventsCaughtUp: Counter
   streamsCutOff: Counter
 }
 
@@ -24,15 +27,44 @@ declare module 'fastify' {
 export default fp(async function metricsPlugin (app) {
   const registry = new Registry()
   collectDefaultMetrics({ register: registry, prefix: 'pgsse_process_' })
+  // Gauges of state held elsewhere are read when scraped, not kept in step.
   const metrics: GatewayMetrics = {
     registry,
-    streamsOpen: new Gauge({ name: 'pgsse_streams_open', help: 'SSE streams open now', registers: [registry] }),
-    channelsListened: new Gauge({ name: 'pgsse_channels_listened', help: 'Channels the listener connection LISTENs on', registers: [registry] }),
-    listenerConnected: new Gauge({ name: 'pgsse_listener_connected', help: '1 while the listener connection is up', registers: [registry] }),
+    streamsOpen: new Gauge({
+      name: 'pgsse_streams_open',
+      help: 'SSE streams open now',
+      registers: [registry],
+      collect () { this.set(app.hasDecorator('streams') ? app.streams.size : 0) }
+    }),
+    channelsListened: new Gauge({
+      name: 'pgsse_channels_listened',
+      help: 'Channels the listener connection LISTENs on',
+      registers: [registry],
+      collect () { this.set(app.hasDecorator('listener') ? app.listener.channels.size : 0) }
+    }),
+    listenerConnected: new Gauge({
+      name: 'pgsse_listener_connected',
+      help: '1 while the listener connection is up and live',
+      registers: [registry],
+      collect () { this.set(app.hasDecorator('listener') && app.listener.connected ? 1 : 0) }
+    }),
+    notifyQueueUsage: new Gauge({
+      name: 'pgsse_notify_queue_usage_ratio',
+      help: 'pg_notification_queue_usage(): the fraction of the NOTIFY queue in use; at 1 publishing fails',
+      registers: [registry],
+      async collect () {
+        try {
+          const { rows } = await app.pg.query<{ usage: number }>('SELECT pg_notification_queue_usage() AS usage')
+          this.set(rows[0]?.usage ?? 0)
+        } catch {}
+      }
+    }),
     listenerReconnects: new Counter({ name: 'pgsse_listener_reconnects_total', help: 'Times the listener connection was re-established', registers: [registry] }),
     eventsPublished: new Counter({ name: 'pgsse_events_published_total', help: 'Events committed through this instance', registers: [registry] }),
     eventsReceived: new Counter({ name: 'pgsse_events_received_total', help: 'Notifications received by the listener', labelNames: ['kind'], registers: [registry] }),
     eventsDelivered: new Counter({ name: 'pgsse_events_delivered_total', help: 'Event frames written to streams', registers: [registry] }),
+    eventsReplayed: new Counter({ name: 'pgsse_events_replayed_total', help: 'Events replayed from the log to resuming streams', registers: [registry] }),
+    eventsCaughtUp: new Counter({ name: 'pgsse_events_caught_up_total', help: 'Events the listener read from the log after reconnecting', registers: [registry] }),
     streamsCutOff: new Counter({ name: 'pgsse_streams_cut_off_total', help: 'Streams ended because the client did not read fast enough', registers: [registry] })
   }
   app.decorate('metrics', metrics)

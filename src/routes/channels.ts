@@ -28,10 +28,10 @@ export default async function channelsRoutes (app: FastifyInstance, { config }: 
   }, async (request, reply) => {
     const { channel } = request.params
     checkChannelNames([channel])
-    await app.authorize(request, 'publish', [channel])
+    const claims = await app.authorize(request, 'publish', [channel])
     const payload = typeof request.body === 'string' ? request.body : ''
     checkPayload(payload, config.MAX_PAYLOAD_BYTES, 'the payload')
-    const [id] = await publishAll(app, [{ channel, payload }])
+    const [id] = await publishAll(app, request, claims, [{ channel, payload }])
     reply.code(201)
     return { id, channel }
   })

@@ -3,8 +3,9 @@ import { Type, type TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyInstance } from 'fastify'
 import type { GatewayConfig } from '../config.js'
 import { BadRequestError, UnavailableError } from '../errors.js'
-import { EVENT_STREAM_HEADERS, EventStream } from '../event-stream.js'
-import { encodeRetry } from '../sse.js'
+import { EVENT_STREAM_HEADERS, EventStream, GATEWAY_EVENTS } from '../event-stream.js'
+import { type LogBounds, readEventsAfter, readLogBounds } from '../event-log.js'
+import { encodeEvent, encodeRetry } from '../sse.js'
 import { checkChannelNames, publishAll, toPayload } from './publishing.js'
 
 export interface EventsRoutesOptions {
@@ -14,8 +15,49 @@ export interface EventsRoutesOptions {
 const StreamQuery = Type.Object({
   // A single ?channel=x arrives as a string and is coerced to [x].
   channel: Type.Array(Type.String(), { minItems: 1 }),
-  access_token: Type.Optional(Type.String())
+  access_token: Type.Optional(Type.String()),
+  lastEventId: Type.Optional(Type.String())
 })
+
+// Pages of the log a replay reads at a time.
+const REPLAY_PAGE = 500
+
+function parseEventId (value: string | string[] | undefined): number | undefined {
+  if (value === undefined) return undefined
+  if (typeof value !== 'string' || !/^[0-9]{1,15}$/.test(value.trim())) {
+    throw new BadRequestError('Last-Event-ID must be an event id: the digits of an id: field')
+  }
+  return Number(value.trim())
+}
+
+/**
+ * Where a stream starts: after the id it resumes from, or at the log's head.
+ * An id the log no longer holds (pruned), or never held (beyond the head,
+ * e.g. from another database), is answered with a `gateway/missed` event
+ * and the stream starts from what the log has.
+ */
+function startPosition (resumeFrom: number | undefined, bounds: LogBounds): { after: number, missed: boolean } {
+  if (resumeFrom === undefined) return { after: bounds.head, missed: false }
+  if (resumeFrom > bounds.head) return { after: bounds.head, missed: true }
+  if (resumeFrom < bounds.prunedThrough) return { after: bounds.prunedThrough, missed: true }
+  return { after: resumeFrom, missed: false }
+}
+
+async function replayLog (app: FastifyInstance, stream: EventStream, channels: readonly string[], after: number): Promise<number> {
+  let count = 0
+  let position = after
+  for (;;) {
+    const rows = await readEventsAfter(app.pg.pool, channels, position, REPLAY_PAGE)
+    for (const row of rows) {
+      position = Number(row.id)
+      stream.replay(Buffer.from(encodeEvent({ id: row.id, event: row.channel, data: row.payload })), position)
+    }
+    count += rows.length
+    if (rows.length < REPLAY_PAGE || stream.ended) return count
+    // Respect the client's pace: never read the log faster than it takes it.
+    await stream.drained()
+  }
+}
 
 const BatchBody = Type.Object({
   events: Type.Array(Type.Object({
@@ -33,6 +75,9 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
     if (channels.length > config.MAX_CHANNELS_PER_STREAM) {
       throw new BadRequestError(`a stream may have at most ${config.MAX_CHANNELS_PER_STREAM} channels`)
     }
+    // EventSource sends the header on reconnect; the query parameter serves
+    // a first connection from a client that kept its place.
+    const resumeFrom = parseEventId(request.headers['last-event-id'] ?? request.query.lastEventId)
     await app.authorize(request, 'subscribe', channels)
 
     const stream = new EventStream(reply.raw, {
@@ -43,15 +88,26 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
       }
     })
     let unsubscribe: () => void
+    let bounds: LogBounds
     try {
       unsubscribe = await app.hub.subscribe(channels, stream)
     } catch {
       throw new UnavailableError('the gateway cannot listen to the database right now; retry shortly')
     }
+    try {
+      // Read after the LISTENs took effect: whatever commits later arrives live.
+      bounds = await readLogBounds(app.pg.pool)
+    } catch {
+      unsubscribe()
+      throw new UnavailableError('the event log cannot be read right now; retry shortly')
+    }
     if (request.raw.destroyed || reply.raw.destroyed) {
       unsubscribe()
       return reply.hijack()
     }
+
+    const start = startPosition(resumeFrom, bounds)
+    stream.startAfter(start.after)
     // The stream begins only now, with its channels LISTENed: an event
     // committed after the client sees the response is never missed.
     reply.hijack()
@@ -60,7 +116,32 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
       unsubscribe()
       app.streams.delete(stream)
     })
-    stream.open({ ...reply.getHeaders() as OutgoingHttpHeaders, ...EVENT_STREAM_HEADERS }, encodeRetry(config.RETRY_MS))
+    let preamble = encodeRetry(config.RETRY_MS) + encodeEvent({
+      id: String(start.after),
+      event: GATEWAY_EVENTS.open,
+      data: JSON.stringify({ lastEventId: String(start.after), head: String(bounds.head) })
+    })
+    if (start.missed) {
+      preamble += encodeEvent({
+        event: GATEWAY_EVENTS.missed,
+        data: JSON.stringify({ lastEventId: String(resumeFrom), resumedAfter: String(start.after) })
+      })
+    }
+    stream.open({ ...reply.getHeaders() as OutgoingHttpHeaders, ...EVENT_STREAM_HEADERS }, preamble)
+
+    if (start.after < bounds.head) {
+      try {
+        const replayed = await replayLog(app, stream, channels, start.after)
+        app.metrics.eventsReplayed.inc(replayed)
+      } catch (err) {
+        // The client reconnects with the last id it got, and resumes.
+        request.log.warn({ err: { message: (err as Error).message } }, 'replay failed; ending the stream')
+        stream.end()
+        return reply
+      }
+    }
+    stream.release()
+    return reply
   })
 
   routes.post('/events', {
@@ -73,9 +154,9 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
     }
     const channels = events.map((e) => e.channel)
     checkChannelNames(channels)
-    await app.authorize(request, 'publish', new Set(channels))
+    const claims = await app.authorize(request, 'publish', new Set(channels))
     const toPublish = events.map((e, i) => ({ channel: e.channel, payload: toPayload(e.data, config.MAX_PAYLOAD_BYTES, `events[${i}].data`) }))
-    const ids = await publishAll(app, toPublish)
+    const ids = await publishAll(app, request, claims, toPublish)
     reply.code(201)
     return { ids }
   })

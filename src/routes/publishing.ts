@@ -1,6 +1,8 @@
-import type { FastifyInstance } from 'fastify'
-import { BadRequestError, InvalidChannelError, PayloadTooLargeError, UnavailableError } from '../errors.js'
-import { type EventToPublish, publishEvents } from '../event-log.js'
+import { createHash } from 'node:crypto'
+import type { FastifyInstance, FastifyRequest } from 'fastify'
+import { BadRequestError, ConflictError, InvalidChannelError, PayloadTooLargeError, UnavailableError } from '../errors.js'
+import { type EventToPublish, IdempotencyConflictError, type IdempotencyKey, type PublishResult, publishEvents } from '../event-log.js'
+import type { GatewayClaims } from '../plugins/auth.js'
 import { CHANNEL_NAME_RULE, isChannelName } from '../channel.js'
 
 export function checkChannelNames (channels: Iterable<string>): void {
@@ -31,12 +33,31 @@ export function checkPayload (payload: string, maxBytes: number, what: string): 
   }
 }
 
-/** Publishes in one transaction; 201 only after COMMIT succeeded. */
-export async function publishAll (app: FastifyInstance, events: readonly EventToPublish[]): Promise<string[]> {
-  let ids: string[]
+const IDEMPOTENCY_KEY = /^[\x21-\x7e]{1,255}$/
+
+/**
+ * Publishes in one transaction; 201 only after COMMIT succeeded. A request
+ * with an Idempotency-Key publishes once: a repeat (same client, same key,
+ * same events) gets the first ids back.
+ */
+export async function publishAll (app: FastifyInstance, request: FastifyRequest, claims: GatewayClaims | null, events: readonly EventToPublish[]): Promise<string[]> {
+  const header = request.headers['idempotency-key']
+  let idempotency: IdempotencyKey | undefined
+  if (header !== undefined) {
+    if (typeof header !== 'string' || !IDEMPOTENCY_KEY.test(header)) {
+      throw new BadRequestError('Idempotency-Key must be 1 to 255 visible ASCII characters')
+    }
+    idempotency = {
+      // Keys are the client's own: scoped to the token's subject.
+      key: JSON.stringify([claims?.sub ?? '', header]),
+      requestHash: createHash('sha256').update(JSON.stringify(events)).digest('base64url')
+    }
+  }
+  let result: PublishResult
   try {
-    ids = await publishEvents(app.pg.pool, events)
+    result = await publishEvents(app.pg.pool, events, idempotency)
   } catch (err) {
+    if (err instanceof IdempotencyConflictError) throw new ConflictError(err.message)
     const code = (err as { code?: unknown }).code
     // Class 22 is "data exception": the database refused a value.
     if (typeof code === 'string' && code.startsWith('22')) {
@@ -45,6 +66,10 @@ export async function publishAll (app: FastifyInstance, events: readonly EventTo
     app.log.error({ err: { message: (err as Error).message, code } }, 'publish failed')
     throw new UnavailableError('the event could not be committed: nothing was published; retry shortly')
   }
-  app.metrics.eventsPublished.inc(ids.length)
-  return ids
+  if (result.replayed) {
+    request.log.info('idempotent repeat: nothing published')
+  } else {
+    app.metrics.eventsPublished.inc(result.ids.length)
+  }
+  return result.ids
 }
