@@ -43,7 +43,7 @@ export function loggerOptions (level: string): FastifyServerOptions['logger'] {
 
 /** Makes the app, connected to its database, without listening. */
 export async function build (config: AppConfig, logger: FastifyServerOptions['logger'] = loggerOptions(config.LOG_LEVEL)): Promise<FastifyInstance> {
-  const app = Fastify({ logger, forceCloseConnections: false })
+  const app = Fastify({ logger })
 
   app.setErrorHandler<FastifyError>((err, request, reply) => {
     const statusCode = err.statusCode !== undefined && err.statusCode >= 400 ? err.statusCode : 500
