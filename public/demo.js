@@ -56,6 +56,14 @@ function connect () {
   source.onerror = () => setState(source.readyState === EventSource.CLOSED ? 'closed' : 'reconnecting')
   // Each channel arrives as its own event type.
   for (const channel of listened) source.addEventListener(channel, (message) => showEvent(channel, message))
+  // The gateway's own events: where the stream (re)started, and what was lost.
+  source.addEventListener('gateway/open', (message) => {
+    const { lastEventId, head } = JSON.parse(message.data)
+    lastIdView.textContent = lastEventId === head ? `live from id ${head}` : `resumed after id ${lastEventId}`
+  })
+  for (const name of ['gateway/missed', 'gateway/gap']) {
+    source.addEventListener(name, (message) => showEvent(name, message))
+  }
 }
 
 $('subscribe-form').addEventListener('submit', (e) => {
