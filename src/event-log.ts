@@ -238,8 +238,10 @@ export interface LoggedEvent {
 
 /** Reads events by id, in id order. */
 export async function readEvents (client: pg.ClientBase, ids: readonly string[]): Promise<LoggedEvent[]> {
+  // ORDER BY events.id, not id: a bare name means the output column, the
+  // text id::text, which sorts "10" before "9".
   const { rows } = await client.query<LoggedEvent>(
-    `SELECT id::text AS id, channel, payload FROM ${LOG_SCHEMA}.events WHERE id = ANY($1::bigint[]) ORDER BY id`,
+    `SELECT id::text AS id, channel, payload FROM ${LOG_SCHEMA}.events WHERE id = ANY($1::bigint[]) ORDER BY events.id`,
     [ids]
   )
   return rows
@@ -280,15 +282,42 @@ export async function readLogBounds (client: pg.ClientBase | pg.Pool): Promise<L
 export async function readEventsAfter (client: pg.ClientBase | pg.Pool, channels: readonly string[], afterId: number, limit: number): Promise<LoggedEvent[]> {
   if (channels.length === 0) return []
   try {
+    // ORDER BY events.id: a bare `id` would sort by the text output column
+    // ("10" before "9"), and a replay would then drop the lower ids as
+    // duplicates of the first one it sent.
     const { rows } = await client.query<LoggedEvent>(
       `SELECT id::text AS id, channel, payload FROM ${LOG_SCHEMA}.events
-       WHERE channel = ANY($1::text[]) AND id > $2 ORDER BY id LIMIT $3`,
+       WHERE channel = ANY($1::text[]) AND id > $2 ORDER BY events.id LIMIT $3`,
       [channels, afterId, limit]
     )
     return rows
   } catch (err) {
     if (isMissingTable(err)) return []
     throw err
+  }
+}
+
+/**
+ * A page of readEventsAfter together with how far the log was pruned, both
+ * read in one statement, hence one snapshot: a replay can tell that
+ * retention deleted events after its position while it read (after it had
+ * read the log's bounds, or between two pages), instead of skipping them
+ * unannounced.
+ */
+export async function readReplayPage (client: pg.ClientBase | pg.Pool, channels: readonly string[], afterId: number, limit: number): Promise<{ prunedThrough: number, events: LoggedEvent[] }> {
+  const { rows } = await client.query<{ pruned_through: string, id: string | null, channel: string, payload: string }>(
+    `SELECT r.pruned_through::text AS pruned_through, e.id::text AS id, e.channel, e.payload
+     FROM ${LOG_SCHEMA}.log_retention r
+     LEFT JOIN LATERAL (
+       SELECT events.id, events.channel, events.payload FROM ${LOG_SCHEMA}.events
+       WHERE events.channel = ANY($1::text[]) AND events.id > $2 ORDER BY events.id LIMIT $3
+     ) e ON true
+     ORDER BY e.id`,
+    [channels, afterId, limit]
+  )
+  return {
+    prunedThrough: Number(rows[0]?.pruned_through ?? 0),
+    events: rows.filter((r) => r.id !== null).map((r) => ({ id: r.id as string, channel: r.channel, payload: r.payload }))
   }
 }
 

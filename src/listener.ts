@@ -198,8 +198,16 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
 
   #startLiveness (client: pg.Client): void {
     if (this.#livenessTimer !== null) clearInterval(this.#livenessTimer)
+    // One check at a time: with an interval shorter than the timeout, checks
+    // would otherwise pile up as concurrent queries on a silent connection
+    // (which pg deprecates) until the first one times out.
+    let checking = false
     this.#livenessTimer = setInterval(() => {
-      this.#checkLiveness(client).catch((err: Error) => this.#kill(client, err))
+      if (checking) return
+      checking = true
+      this.#checkLiveness(client)
+        .catch((err: Error) => this.#kill(client, err))
+        .finally(() => { checking = false })
     }, this.#options.livenessIntervalMs)
     this.#livenessTimer.unref()
   }

@@ -4,7 +4,7 @@ import type { FastifyInstance } from 'fastify'
 import type { GatewayConfig } from '../config.js'
 import { BadRequestError, UnavailableError } from '../errors.js'
 import { EVENT_STREAM_HEADERS, EventStream, GATEWAY_EVENTS } from '../event-stream.js'
-import { type LogBounds, readEventsAfter, readLogBounds } from '../event-log.js'
+import { type LogBounds, readLogBounds, readReplayPage } from '../event-log.js'
 import { encodeEvent, encodeRetry } from '../sse.js'
 import { checkChannelNames, publishAll, toPayload } from './publishing.js'
 
@@ -47,7 +47,17 @@ async function replayLog (app: FastifyInstance, stream: EventStream, channels: r
   let count = 0
   let position = after
   for (;;) {
-    const rows = await readEventsAfter(app.pg.pool, channels, position, REPLAY_PAGE)
+    const { prunedThrough, events: rows } = await readReplayPage(app.pg.pool, channels, position, REPLAY_PAGE)
+    // Retention pruned past the position since the bounds (or the previous
+    // page) were read: the events in between are gone. Say so, as for a
+    // pruned Last-Event-ID, rather than skip them silently.
+    if (prunedThrough > position) {
+      stream.replay(Buffer.from(encodeEvent({
+        event: GATEWAY_EVENTS.missed,
+        data: JSON.stringify({ lastEventId: String(position), resumedAfter: String(prunedThrough) })
+      })), prunedThrough)
+      position = prunedThrough
+    }
     for (const row of rows) {
       position = Number(row.id)
       stream.replay(Buffer.from(encodeEvent({ id: row.id, event: row.channel, data: row.payload })), position)

@@ -1,0 +1,377 @@
+// Failures of the listener connection, and of the server itself, proved
+// through real streams on a real PostgreSQL: nothing committed is lost,
+// nothing arrives twice, and the gateway recovers by itself.
+import { once } from 'node:events'
+import { chmod, mkdtemp, rm } from 'node:fs/promises'
+import { type AddressInfo, createServer, type Server, type Socket, connect as connectTcp } from 'node:net'
+import os from 'node:os'
+import path from 'node:path'
+import type pg from 'pg'
+import t from 'tap'
+import { type EmbeddedDatabase, startEmbeddedPostgres } from '../src/embedded-postgres.js'
+import { type ConnectedInfo, LISTENER_APPLICATION_NAME, type ListenerConnection } from '../src/listener.js'
+import { connect, createDatabase, openStream, publish, type ReceivedEvent, startGateway, type StreamClient, streamUrl, type TestGateway, within } from './helper.js'
+
+interface Teardown {
+  teardown (fn: () => unknown): void
+}
+
+const subscriber = (gateway: TestGateway): Record<string, string> =>
+  ({ authorization: `Bearer ${gateway.token({ subscribe: ['*'] })}` })
+
+async function published (gateway: TestGateway, channel: string, body: string): Promise<string> {
+  const res = await publish(gateway, channel, body)
+  if (res.status !== 201) throw new Error(`publish to ${channel} answered ${res.status}: ${await res.text()}`)
+  return ((await res.json()) as { id: string }).id
+}
+
+/** Publishes with SQL on `db`, bypassing the gateway; returns the id. */
+async function publishSql (db: pg.Client, channel: string, payload: string): Promise<string> {
+  const { rows } = await db.query<{ id: string }>('SELECT sse_gateway.publish($1, $2)::text AS id', [channel, payload])
+  return rows[0]?.id as string
+}
+
+/** Waits for the event whose data is `data` on the stream. */
+async function waitForData (stream: StreamClient, data: string, ms = 10_000): Promise<void> {
+  await within(stream.until(() => stream.events.some((e) => e.data === data), data), JSON.stringify(data), ms)
+}
+
+const gaps = (stream: StreamClient): ReceivedEvent[] => stream.control.filter((e) => e.event === 'gateway/gap')
+const opens = (stream: StreamClient): ReceivedEvent[] => stream.control.filter((e) => e.event === 'gateway/open')
+
+/** Ids only grow, one event per id. */
+function strictlyIncreasing (ids: Array<string | undefined>): boolean {
+  return ids.every((id, i) => i === 0 || Number(id) > Number(ids[i - 1]))
+}
+
+async function readyStatus (gateway: TestGateway): Promise<number> {
+  const res = await fetch(`${gateway.baseUrl}/readyz`)
+  await res.body?.cancel()
+  return res.status
+}
+
+/** Polls an async condition until it holds or the deadline passes. */
+async function eventually (condition: () => Promise<boolean>, what: string, ms = 10_000): Promise<void> {
+  const deadline = Date.now() + ms
+  while (!await condition()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
+    await new Promise((resolve) => setTimeout(resolve, 20))
+  }
+}
+
+// events.once() would reject on the listener's 'error' events (a failed
+// reconnect attempt is one), which are part of recovering.
+function nextConnected (listener: ListenerConnection): Promise<ConnectedInfo> {
+  return new Promise<ConnectedInfo>((resolve) => listener.once('connected', resolve))
+}
+
+function nextDisconnected (listener: ListenerConnection): Promise<number> {
+  return new Promise<number>((resolve) => listener.once('disconnected', () => resolve(Date.now())))
+}
+
+interface Backend {
+  pid: number
+  clientPort: number
+}
+
+/** The listener's backends on the database `db` is connected to. */
+async function listenerBackends (db: pg.Client): Promise<Backend[]> {
+  const { rows } = await db.query<{ pid: number, client_port: number }>(
+    'SELECT pid, client_port FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1',
+    [LISTENER_APPLICATION_NAME])
+  return rows.map((r) => ({ pid: r.pid, clientPort: r.client_port }))
+}
+
+async function theListenerBackend (db: pg.Client): Promise<Backend> {
+  const backends = await listenerBackends(db)
+  if (backends.length !== 1) throw new Error(`expected one listener backend, found ${backends.length}`)
+  return backends[0] as Backend
+}
+
+t.test('a listener backend killed mid-stream loses no event and delivers none twice', async (t) => {
+  const gateway = await startGateway(t)
+  const db = await connect(t, gateway.databaseUrl)
+  const stream = await openStream(t, streamUrl(gateway.baseUrl, ['orders']), subscriber(gateway))
+  const killed = await theListenerBackend(db)
+  const reconnected = nextConnected(gateway.app.listener)
+
+  const TOTAL = 200
+  const ids: string[] = []
+  const publishing = (async () => {
+    for (let i = 0; i < TOTAL; i++) ids.push(await published(gateway, 'orders', `event ${i}`))
+  })()
+  publishing.catch(() => {})
+
+  // Ids then cross from two digits to three while the listener is away.
+  await within(stream.until(() => stream.events.length >= 95, '95 events'), '95 events before the kill')
+  const { rows } = await db.query<{ done: boolean }>('SELECT pg_terminate_backend($1) AS done', [killed.pid])
+  const publishedAtKill = ids.length
+  t.equal(rows[0]?.done, true, 'the listener backend was terminated')
+  await within(publishing, `${TOTAL} publishes`, 30_000)
+  t.ok(publishedAtKill < TOTAL, `the kill came while events were still being published (${publishedAtKill} of ${TOTAL} done)`)
+
+  const info = await within(reconnected, 'the listener to reconnect', 10_000)
+  t.equal(info.reconnected, true, 'the listener reconnected')
+  t.comment(`caught up from the log: ${info.caughtUp}`)
+
+  const sentinel = await published(gateway, 'orders', 'sentinel')
+  await waitForData(stream, 'sentinel')
+  const expected = [...ids, sentinel]
+  t.ok(strictlyIncreasing(expected), 'publish ids grow')
+  t.same(stream.events.map((e) => e.id), expected, 'every committed event exactly once, in id order')
+  t.same(stream.events.map((e) => e.data), [...ids.map((_id, i) => `event ${i}`), 'sentinel'], 'with its payload')
+  t.notOk(stream.ended, 'the stream stayed open')
+  t.equal(opens(stream).length, 1, 'on the same response: one gateway/open')
+  t.equal(gaps(stream).length, 1, 'the stream was told of the gap')
+
+  const now = await theListenerBackend(db)
+  t.not(now.pid, killed.pid, 'a new listener backend')
+  await eventually(async () => await readyStatus(gateway) === 200, '/readyz to answer 200')
+  t.equal(await readyStatus(gateway), 200, '/readyz answers 200 again')
+})
+
+interface Pair {
+  client: Socket
+  upstream: Socket
+  frozen: boolean
+  /** Bytes swallowed since the pair was frozen. */
+  dropped: number
+}
+
+/**
+ * A TCP proxy that can go silent on chosen connections: frozen, a pair
+ * forwards nothing and closes nothing, in either direction, like a network
+ * that drops packets. Connections opened later are forwarded normally.
+ */
+class FreezableProxy {
+  readonly pairs: Pair[] = []
+  readonly #server: Server
+  readonly #target: { host: string, port: number }
+
+  constructor (target: { host: string, port: number }) {
+    this.#target = target
+    this.#server = createServer((client) => this.#accept(client))
+  }
+
+  async listen (): Promise<number> {
+    this.#server.listen(0, '127.0.0.1')
+    await once(this.#server, 'listening')
+    return (this.#server.address() as AddressInfo).port
+  }
+
+  #accept (client: Socket): void {
+    const upstream = connectTcp(this.#target.port, this.#target.host)
+    const pair: Pair = { client, upstream, frozen: false, dropped: 0 }
+    this.pairs.push(pair)
+    const forward = (from: Socket, to: Socket): void => {
+      from.on('data', (chunk: Buffer) => {
+        if (pair.frozen) pair.dropped += chunk.length
+        else to.write(chunk)
+      })
+      from.on('error', () => {})
+      from.on('close', () => {
+        if (!pair.frozen) to.destroy()
+      })
+    }
+    forward(client, upstream)
+    forward(upstream, client)
+  }
+
+  /** Freezes the pair whose upstream socket has this local port. */
+  freezeByUpstreamPort (port: number): Pair {
+    const pair = this.pairs.find((p) => p.upstream.localPort === port)
+    if (pair === undefined) throw new Error(`no proxied connection from port ${port}`)
+    pair.frozen = true
+    return pair
+  }
+
+  async close (): Promise<void> {
+    for (const { client, upstream } of this.pairs) {
+      client.destroy()
+      upstream.destroy()
+    }
+    await new Promise<void>((resolve) => this.#server.close(() => resolve()))
+  }
+}
+
+async function startProxy (t: Teardown, target: string): Promise<{ proxy: FreezableProxy, url: string }> {
+  const url = new URL(target)
+  const proxy = new FreezableProxy({ host: url.hostname, port: Number(url.port === '' ? 5432 : url.port) })
+  const port = await proxy.listen()
+  t.teardown(() => proxy.close())
+  url.host = `127.0.0.1:${port}`
+  return { proxy, url: url.toString() }
+}
+
+t.test('a half-open listener connection is noticed within the liveness timeout and nothing is lost', async (t) => {
+  const INTERVAL = 200
+  const TIMEOUT = 500
+  const database = await createDatabase(t)
+  const { proxy, url } = await startProxy(t, database)
+  const gateway = await startGateway(t, {
+    LISTENER_LIVENESS_INTERVAL_MS: String(INTERVAL),
+    LISTENER_LIVENESS_TIMEOUT_MS: String(TIMEOUT),
+    LISTENER_RECONNECT_MAX_MS: '200'
+  }, url)
+  const { listener } = gateway.app
+  // Straight to PostgreSQL, not through the proxy.
+  const db = await connect(t, database)
+  const stream = await openStream(t, streamUrl(gateway.baseUrl, ['orders']), subscriber(gateway))
+
+  const before = [await publishSql(db, 'orders', 'before')]
+  await waitForData(stream, 'before')
+
+  const backend = await theListenerBackend(db)
+  let disconnectedAt = 0
+  const disconnected = nextDisconnected(listener).then((at) => { disconnectedAt = at })
+  const reconnected = nextConnected(listener)
+
+  const frozenAt = Date.now()
+  const frozen = proxy.freezeByUpstreamPort(backend.clientPort)
+  const pairsAtFreeze = proxy.pairs.length
+  const during: string[] = []
+  for (let i = 0; i < 20; i++) during.push(await publishSql(db, 'orders', `during ${i}`))
+  t.equal(disconnectedAt, 0, 'the events were committed while the gateway still held the silent connection')
+
+  await within(disconnected, 'the gateway to notice the silent connection', INTERVAL + TIMEOUT + 2000)
+  const noticedIn = disconnectedAt - frozenAt
+  t.ok(noticedIn <= INTERVAL + TIMEOUT + 500, `noticed in ${noticedIn} ms: within one liveness interval plus its timeout`)
+  t.ok(frozen.dropped > 0, 'the gateway did talk on the silent connection')
+
+  const info = await within(reconnected, 'the listener to reconnect', 5000)
+  t.equal(info.reconnected, true)
+  t.ok(proxy.pairs.length > pairsAtFreeze, 'the listener reconnected through a new proxied connection')
+  const pids = (await listenerBackends(db)).map((b) => b.pid)
+  t.ok(pids.includes(backend.pid), 'the silent backend lives on: the server never heard of the loss')
+  t.equal(pids.filter((pid) => pid !== backend.pid).length, 1, 'and a new listener backend serves the gateway')
+
+  const after: string[] = []
+  for (let i = 0; i < 5; i++) after.push(await publishSql(db, 'orders', `after ${i}`))
+  const sentinel = await publishSql(db, 'orders', 'sentinel')
+  await waitForData(stream, 'sentinel')
+
+  const expected = [...before, ...during, ...after, sentinel]
+  t.ok(strictlyIncreasing(expected), 'publish ids grow')
+  t.same(stream.events.map((e) => e.id), expected, 'every event once, in id order')
+  t.same(stream.events.map((e) => e.data), ['before', ...during.map((_id, i) => `during ${i}`), ...after.map((_id, i) => `after ${i}`), 'sentinel'])
+  t.notOk(stream.ended, 'the stream stayed open')
+  t.equal(opens(stream).length, 1, 'on the same response')
+  t.equal(gaps(stream).length, 1, 'the stream was told of the gap')
+  await eventually(async () => await readyStatus(gateway) === 200, '/readyz to answer 200')
+})
+
+t.test('a PostgreSQL restart under open streams is recovered from by itself', { timeout: 120_000 }, async (t) => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'pg-sse-recovery-'))
+  // As root, PostgreSQL runs as the postgres user, which must reach its data.
+  await chmod(dir, 0o755)
+  const dataDir = path.join(dir, 'data')
+  const log = (line: string): void => t.comment(line)
+  let server: EmbeddedDatabase = await startEmbeddedPostgres(dataDir, log)
+  t.teardown(async () => {
+    await server.stop()
+    await rm(dir, { recursive: true, force: true })
+  })
+  const port = Number(new URL(server.connectionString).port)
+
+  const gateway = await startGateway(t, {
+    LISTENER_LIVENESS_INTERVAL_MS: '200',
+    LISTENER_LIVENESS_TIMEOUT_MS: '1000',
+    LISTENER_RECONNECT_MAX_MS: '300'
+  }, server.connectionString)
+  const { listener } = gateway.app
+  const streams = await Promise.all([
+    openStream(t, streamUrl(gateway.baseUrl, ['orders']), subscriber(gateway)),
+    openStream(t, streamUrl(gateway.baseUrl, ['orders', 'other']), subscriber(gateway))
+  ])
+  const first = await published(gateway, 'orders', 'before the restart')
+  for (const stream of streams) await waitForData(stream, 'before the restart')
+
+  const disconnected = nextDisconnected(listener)
+  await within(server.stop(), 'the server to stop', 30_000)
+  await within(disconnected, 'the listener to see the server go', 5000)
+  t.not(await readyStatus(gateway), 200, '/readyz is not 200 while the server is down')
+  for (const stream of streams) t.notOk(stream.ended, 'the stream stays open while the server is down')
+
+  const reconnected = nextConnected(listener)
+  server = await within(startEmbeddedPostgres(dataDir, log, port), 'the server to start again', 60_000)
+  t.equal(server.connectionString, gateway.databaseUrl, 'on the same address')
+  // Published at once: the listener may not be back yet, and must catch up.
+  const ids = [first]
+  for (let i = 0; i < 10; i++) ids.push(await published(gateway, 'orders', `after ${i}`))
+  const info = await within(reconnected, 'the listener to reconnect', 10_000)
+  t.equal(info.reconnected, true)
+
+  const sentinel = await published(gateway, 'orders', 'sentinel')
+  ids.push(sentinel)
+  for (const [i, stream] of streams.entries()) {
+    await waitForData(stream, 'sentinel')
+    t.same(stream.events.map((e) => e.id), ids, `stream ${i}: every event once, in id order`)
+    t.notOk(stream.ended, `stream ${i} stayed open`)
+    t.equal(opens(stream).length, 1, `stream ${i}: on the same response`)
+    t.ok(gaps(stream).length >= 1, `stream ${i} was told of the gap`)
+  }
+  await eventually(async () => await readyStatus(gateway) === 200, '/readyz to answer 200', 10_000)
+  t.equal(await readyStatus(gateway), 200, '/readyz answers 200 again')
+})
+
+t.test('two gateways on one database: both deliver, and a client resumes on the other one', async (t) => {
+  const a = await startGateway(t)
+  const b = await startGateway(t, {}, a.databaseUrl)
+  const onA = await openStream(t, streamUrl(a.baseUrl, ['orders']), subscriber(a))
+  const onB = await openStream(t, streamUrl(b.baseUrl, ['orders']), subscriber(b))
+
+  const shared = await published(a, 'orders', 'through A')
+  for (const [name, stream] of [['A', onA], ['B', onB]] as const) {
+    await waitForData(stream, 'through A')
+    t.same(stream.events, [{ id: shared, event: 'orders', data: 'through A' }], `a stream on ${name} got it`)
+  }
+
+  const client = await openStream(t, streamUrl(a.baseUrl, ['orders']), subscriber(a))
+  const seen = [await published(a, 'orders', 'seen 1'), await published(a, 'orders', 'seen 2')]
+  await waitForData(client, 'seen 2')
+  t.same(client.events.map((e) => e.id), seen, 'the client got its events from A')
+  const lastEventId = client.events.at(-1)?.id as string
+  client.close()
+  await within(client.done, 'the client to leave A')
+
+  const missed = [await published(a, 'orders', 'missed 1'), await published(b, 'orders', 'missed 2')]
+  await published(a, 'elsewhere', 'another channel')
+  const resumed = await openStream(t, streamUrl(b.baseUrl, ['orders']), { ...subscriber(b), 'last-event-id': lastEventId })
+  t.equal(resumed.response.status, 200)
+  await waitForData(resumed, 'missed 2')
+  t.same(opens(resumed).map((e) => e.id), [lastEventId], 'the stream on B starts where the client left A')
+
+  const live = await published(a, 'orders', 'live')
+  const sentinel = await published(b, 'orders', 'sentinel')
+  await waitForData(resumed, 'sentinel')
+  t.same(resumed.events.map((e) => [e.id, e.data]),
+    [[missed[0], 'missed 1'], [missed[1], 'missed 2'], [live, 'live'], [sentinel, 'sentinel']],
+    'exactly the events it missed, then live ones')
+  t.equal(resumed.control.filter((e) => e.event === 'gateway/missed').length, 0, 'nothing was out of reach')
+})
+
+t.test('a graceful shutdown ends open streams and closes the listener backend', async (t) => {
+  const gateway = await startGateway(t)
+  const db = await connect(t, gateway.databaseUrl)
+  const streams = await Promise.all([
+    openStream(t, streamUrl(gateway.baseUrl, ['one']), subscriber(gateway)),
+    openStream(t, streamUrl(gateway.baseUrl, ['one', 'two']), subscriber(gateway))
+  ])
+  await published(gateway, 'two', 'before closing')
+  await waitForData(streams[1] as StreamClient, 'before closing')
+  const backend = await theListenerBackend(db)
+
+  await within(gateway.app.close(), 'app.close()')
+  for (const [i, stream] of streams.entries()) {
+    await within(stream.done, `stream ${i} to end`)
+    t.ok(stream.ended, `the client sees stream ${i} end`)
+  }
+  t.equal(gateway.app.streams.size, 0, 'no stream left')
+  let left: Backend[] = [backend]
+  await eventually(async () => {
+    left = await listenerBackends(db)
+    return left.length === 0
+  }, 'the listener backend to go', 5000).catch(() => {})
+  t.same(left, [], 'the listener backend is gone from pg_stat_activity')
+  t.notOk(gateway.app.listener.connected, 'the listener reports itself closed')
+})
