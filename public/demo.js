@@ -6,6 +6,7 @@ const channelsInput = $('channels')
 const tokenInput = $('token')
 const stateView = $('state')
 const lastIdView = $('last-id')
+const streamStartView = $('stream-start')
 const eventsBody = $('events')
 
 channelsInput.value = params.getAll('channel').join(', ')
@@ -40,7 +41,7 @@ function showEvent (channel, message) {
   row.append(cell)
   row.dataset.channel = channel
   eventsBody.prepend(row)
-  if (message.lastEventId) lastIdView.textContent = `last id ${message.lastEventId}`
+  if (message.lastEventId) lastIdView.textContent = `· last id ${message.lastEventId}`
 }
 
 function connect () {
@@ -59,7 +60,7 @@ function connect () {
   // The gateway's own events: where the stream (re)started, and what was lost.
   source.addEventListener('gateway/open', (message) => {
     const { lastEventId, head } = JSON.parse(message.data)
-    lastIdView.textContent = lastEventId === head ? `live from id ${head}` : `resumed after id ${lastEventId}`
+    streamStartView.textContent = lastEventId === head ? `· live from id ${head}` : `· resumed after id ${lastEventId}`
   })
   for (const name of ['gateway/missed', 'gateway/gap']) {
     source.addEventListener(name, (message) => showEvent(name, message))
