@@ -29,11 +29,14 @@ function showEvent (channel, message) {
   const row = document.createElement('tr')
   let data = message.data
   try { data = JSON.stringify(JSON.parse(data), null, 2) } catch {}
-  for (const text of [new Date().toLocaleTimeString(), channel, message.lastEventId || '-']) {
-    const cell = document.createElement('td')
-    cell.textContent = text
-    row.append(cell)
-  }
+  const [time, name, id] = ['td', 'td', 'td'].map((tag) => document.createElement(tag))
+  time.textContent = new Date().toLocaleTimeString()
+  const badge = document.createElement('span')
+  badge.textContent = channel
+  name.append(badge)
+  id.textContent = message.lastEventId || '-'
+  row.append(time, name, id)
+  if (channel.startsWith('gateway/')) row.className = 'gateway'
   const cell = document.createElement('td')
   const pre = document.createElement('pre')
   pre.textContent = data
