@@ -11,6 +11,7 @@ import metricsPlugin from './plugins/metrics.js'
 import channelsRoutes from './routes/channels.js'
 import eventsRoutes from './routes/events.js'
 import healthRoutes from './routes/health.js'
+import statusRoutes from './routes/status.js'
 
 /** The configuration build() needs: a database and a secret are settled. */
 export interface AppConfig extends GatewayConfig {
@@ -81,5 +82,6 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
   await app.register(healthRoutes)
   await app.register(eventsRoutes, { config })
   await app.register(channelsRoutes, { config })
+  await app.register(statusRoutes, { config })
   return app
 }

@@ -22,6 +22,8 @@ export interface ListenerOptions {
   livenessTimeoutMs?: number
 }
 
+export type ListenerState = 'live' | 'catching-up' | 'disconnected' | 'closed'
+
 export interface ConnectedInfo {
   /** False on the first connection. */
   reconnected: boolean
@@ -78,6 +80,7 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
   #reconnectTimer: NodeJS.Timeout | null = null
   #livenessTimer: NodeJS.Timeout | null = null
   #failures = 0
+  #reconnects = 0
   // The largest event id emitted: every logged event on a wanted channel up
   // to it has been emitted, since they arrive in id order.
   #position = 0
@@ -95,6 +98,18 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
 
   get connected (): boolean {
     return this.#client !== null && !this.#catchingUp
+  }
+
+  /** `live`, `catching-up` (reconnected, reading what it missed), `disconnected` or `closed`. */
+  get state (): ListenerState {
+    if (this.#closed) return 'closed'
+    if (this.#client === null) return 'disconnected'
+    return this.#catchingUp ? 'catching-up' : 'live'
+  }
+
+  /** Times the connection was re-established since the first connect. */
+  get reconnects (): number {
+    return this.#reconnects
   }
 
   /** Channels LISTENed on the live connection right now. */
@@ -170,6 +185,7 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
       await this.#converge()
       const caughtUp = reconnected ? await this.#catchUp(client) : 0
       this.#failures = 0
+      if (reconnected) this.#reconnects++
       this.#everConnected = true
       this.#startLiveness(client)
       this.emit('connected', { reconnected, caughtUp })

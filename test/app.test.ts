@@ -35,7 +35,11 @@ t.test('GET /metrics is Prometheus text with the gateway figures', async (t) => 
   t.match(response.body, /^pgsse_events_delivered_total 1$/m)
   t.match(response.body, /^pgsse_events_received_total\{kind="logged"\} 1$/m)
   t.match(response.body, /^pgsse_listener_connected 1$/m)
-  t.match(response.body, /^pgsse_process_/m, 'process metrics too')
+  t.match(response.body, /^pgsse_publish_duration_seconds_count\{route="\/channels\/:channel"\} 1$/m, 'the publish was timed')
+  t.match(response.body, /^pgsse_fanout_duration_seconds_count 1$/m, 'the fan-out was timed')
+  t.match(response.body, /^pgsse_pool_connections\{state="total"\} [1-9]/m, 'the pool has connections')
+  t.match(response.body, /^pgsse_pool_connections\{state="waiting"\} \d+$/m)
+  t.match(response.body, /^pgsse_process_nodejs_eventloop_lag_seconds /m, 'event-loop lag')
 })
 
 t.test('GET / serves the demo page; unknown paths are JSON 404s', async (t) => {

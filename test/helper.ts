@@ -219,3 +219,44 @@ export const FRAMING_CASES: ReadonlyArray<readonly [string, string]> = [
   ['\u001fnot an id', '\u001fnot an id'],
   ['{"json":\n  "pretty"}', '{"json":\n  "pretty"}']
 ]
+
+/** A subtest's `t`. */
+export type Test = Parameters<Parameters<typeof import('tap').default.test>[0]>[0]
+
+/** Headers of a subscriber allowed `patterns` (every channel by default). */
+export function subscriber (gateway: TestGateway, patterns: string[] = ['*']): Record<string, string> {
+  return { authorization: `Bearer ${gateway.token({ subscribe: patterns })}` }
+}
+
+/** POSTs a text payload and resolves with its id; any answer but 201 throws. */
+export async function published (gateway: TestGateway, channel: string, body: string): Promise<string> {
+  const res = await publish(gateway, channel, body)
+  if (res.status !== 201) throw new Error(`publish to ${channel} answered ${res.status}: ${await res.text()}`)
+  return ((await res.json()) as { id: string }).id
+}
+
+/** Publishes a batch through POST /events; resolves with the ids. */
+export async function publishedBatch (gateway: TestGateway, events: Array<{ channel: string, data: unknown }>): Promise<string[]> {
+  const res = await fetch(`${gateway.baseUrl}/events`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', authorization: `Bearer ${gateway.token({ publish: ['*'] })}` },
+    body: JSON.stringify({ events })
+  })
+  if (res.status !== 201) throw new Error(`batch answered ${res.status}: ${await res.text()}`)
+  return ((await res.json()) as { ids: string[] }).ids
+}
+
+/** Waits for the event whose data is `data` on the stream. */
+export async function waitForData (stream: StreamClient, data: string, ms = 10_000): Promise<void> {
+  await within(stream.until(() => stream.events.some((e) => e.data === data), data), JSON.stringify(data), ms)
+}
+
+/** Checks a JSON error answer: the status and a {statusCode, error, message} body. */
+export async function errorBody (t: Test, res: Response, statusCode: number): Promise<Record<string, unknown>> {
+  t.equal(res.status, statusCode, `answers ${statusCode}`)
+  t.match(res.headers.get('content-type'), /^application\/json/)
+  const body = await res.json() as Record<string, unknown>
+  t.same(Object.keys(body).sort(), ['error', 'message', 'statusCode'], 'error body is {statusCode, error, message}')
+  t.match(body, { statusCode, error: /./, message: /./ })
+  return body
+}

@@ -10,30 +10,16 @@ import type pg from 'pg'
 import t from 'tap'
 import { type EmbeddedDatabase, startEmbeddedPostgres } from '../src/embedded-postgres.js'
 import { type ConnectedInfo, LISTENER_APPLICATION_NAME, type ListenerConnection } from '../src/listener.js'
-import { connect, createDatabase, openStream, publish, type ReceivedEvent, startGateway, type StreamClient, streamUrl, type TestGateway, within } from './helper.js'
+import { connect, createDatabase, openStream, published, type ReceivedEvent, startGateway, type StreamClient, streamUrl, subscriber, type TestGateway, waitForData, within } from './helper.js'
 
 interface Teardown {
   teardown (fn: () => unknown): void
-}
-
-const subscriber = (gateway: TestGateway): Record<string, string> =>
-  ({ authorization: `Bearer ${gateway.token({ subscribe: ['*'] })}` })
-
-async function published (gateway: TestGateway, channel: string, body: string): Promise<string> {
-  const res = await publish(gateway, channel, body)
-  if (res.status !== 201) throw new Error(`publish to ${channel} answered ${res.status}: ${await res.text()}`)
-  return ((await res.json()) as { id: string }).id
 }
 
 /** Publishes with SQL on `db`, bypassing the gateway; returns the id. */
 async function publishSql (db: pg.Client, channel: string, payload: string): Promise<string> {
   const { rows } = await db.query<{ id: string }>('SELECT sse_gateway.publish($1, $2)::text AS id', [channel, payload])
   return rows[0]?.id as string
-}
-
-/** Waits for the event whose data is `data` on the stream. */
-async function waitForData (stream: StreamClient, data: string, ms = 10_000): Promise<void> {
-  await within(stream.until(() => stream.events.some((e) => e.data === data), data), JSON.stringify(data), ms)
 }
 
 const gaps = (stream: StreamClient): ReceivedEvent[] => stream.control.filter((e) => e.event === 'gateway/gap')

@@ -1,5 +1,5 @@
 import fp from 'fastify-plugin'
-import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client'
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client'
 
 export interface GatewayMetrics {
   registry: Registry
@@ -14,7 +14,13 @@ export interface GatewayMetrics {
   eventsReplayed: Counter
   eventsCaughtUp: Counter
   streamsCutOff: Counter
+  poolConnections: Gauge<'state'>
+  publishDuration: Histogram<'route'>
+  fanOutDuration: Histogram
 }
+
+// Routes whose 201s are timed by pgsse_publish_duration_seconds.
+const PUBLISH_ROUTES = new Set(['/channels/:channel', '/events'])
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -65,9 +71,41 @@ export default fp(async function metricsPlugin (app) {
     eventsDelivered: new Counter({ name: 'pgsse_events_delivered_total', help: 'Event frames written to streams', registers: [registry] }),
     eventsReplayed: new Counter({ name: 'pgsse_events_replayed_total', help: 'Events replayed from the log to resuming streams', registers: [registry] }),
     eventsCaughtUp: new Counter({ name: 'pgsse_events_caught_up_total', help: 'Events the listener read from the log after reconnecting', registers: [registry] }),
-    streamsCutOff: new Counter({ name: 'pgsse_streams_cut_off_total', help: 'Streams ended because the client did not read fast enough', registers: [registry] })
+    streamsCutOff: new Counter({ name: 'pgsse_streams_cut_off_total', help: 'Streams ended because the client did not read fast enough', registers: [registry] }),
+    poolConnections: new Gauge({
+      name: 'pgsse_pool_connections',
+      help: 'Publishing pool connections: total, idle, and requests waiting for one',
+      labelNames: ['state'],
+      registers: [registry],
+      collect () {
+        const { totalCount, idleCount, waitingCount } = app.pg.pool
+        this.set({ state: 'total' }, totalCount)
+        this.set({ state: 'idle' }, idleCount)
+        this.set({ state: 'waiting' }, waitingCount)
+      }
+    }),
+    publishDuration: new Histogram({
+      name: 'pgsse_publish_duration_seconds',
+      help: 'Time from a publish request to its 201, COMMIT included',
+      labelNames: ['route'],
+      buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
+      registers: [registry]
+    }),
+    fanOutDuration: new Histogram({
+      name: 'pgsse_fanout_duration_seconds',
+      help: 'Time to hand one received event to every stream on its channel',
+      buckets: [0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05],
+      registers: [registry]
+    })
   }
   app.decorate('metrics', metrics)
+
+  app.addHook('onResponse', async (request, reply) => {
+    const route = request.routeOptions.url
+    if (reply.statusCode === 201 && route !== undefined && PUBLISH_ROUTES.has(route)) {
+      metrics.publishDuration.observe({ route }, reply.elapsedTime / 1000)
+    }
+  })
 
   app.get('/metrics', { logLevel: 'warn' }, async (_request, reply) => {
     reply.type(registry.contentType)

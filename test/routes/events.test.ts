@@ -1,35 +1,10 @@
 import t from 'tap'
 import { LISTENER_APPLICATION_NAME } from '../../src/listener.js'
-import { connect, openStream, publish, startGateway, type StreamClient, streamUrl, type TestGateway, within, waitFor, FRAMING_CASES } from '../helper.js'
+import { connect, errorBody, FRAMING_CASES, openStream, published, startGateway, type StreamClient, streamUrl, subscriber, waitFor, waitForData, within } from '../helper.js'
 
 async function take (stream: StreamClient, n: number): Promise<Array<{ id: string | undefined, event: string | undefined, data: string }>> {
   return await within(stream.take(n), `${n} events`)
 }
-
-/** Waits for the event whose data is `data` on the stream. */
-async function waitForData (stream: StreamClient, data: string): Promise<void> {
-  await within(stream.until(() => stream.events.some((e) => e.data === data), data), JSON.stringify(data))
-}
-
-async function published (gateway: TestGateway, channel: string, body: string): Promise<string> {
-  const res = await publish(gateway, channel, body)
-  if (res.status !== 201) throw new Error(`publish to ${channel} answered ${res.status}: ${await res.text()}`)
-  return ((await res.json()) as { id: string }).id
-}
-
-// A subtest's `t`.
-type Test = Parameters<Parameters<typeof t.test>[0]>[0]
-
-async function errorBody (t: Test, res: Response, statusCode: number): Promise<void> {
-  t.equal(res.status, statusCode, `answers ${statusCode}`)
-  t.match(res.headers.get('content-type'), /^application\/json/)
-  const body = await res.json() as Record<string, unknown>
-  t.same(Object.keys(body).sort(), ['error', 'message', 'statusCode'], 'error body is {statusCode, error, message}')
-  t.match(body, { statusCode, error: /./, message: /./ })
-}
-
-const subscriber = (gateway: TestGateway, patterns: string[] = ['*']): Record<string, string> =>
-  ({ authorization: `Bearer ${gateway.token({ subscribe: patterns })}` })
 
 t.test('a stream answers with SSE headers and begins with retry', async (t) => {
   const gateway = await startGateway(t, { RETRY_MS: '1234' })

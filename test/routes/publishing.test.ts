@@ -2,12 +2,10 @@
 // a 503 with nothing published when COMMIT fails, and an Idempotency-Key
 // that makes a retry publish nothing twice.
 import t from 'tap'
-import { connect, openStream, publish, type ReceivedEvent, startGateway, type StreamClient, streamUrl, type TestGateway, within } from '../helper.js'
-
-type Test = Parameters<Parameters<typeof t.test>[0]>[0]
+import { connect, openStream, publish, type ReceivedEvent, startGateway, type StreamClient, streamUrl, subscriber, type Test, type TestGateway, within } from '../helper.js'
 
 async function listen (t: Test, gateway: TestGateway, channel: string): Promise<StreamClient> {
-  return await openStream(t, streamUrl(gateway.baseUrl, [channel]), { authorization: `Bearer ${gateway.token({ subscribe: ['*'] })}` })
+  return await openStream(t, streamUrl(gateway.baseUrl, [channel]), subscriber(gateway))
 }
 
 /** POSTs one text event with an Idempotency-Key, as the subject `sub`. */

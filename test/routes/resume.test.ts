@@ -2,30 +2,7 @@ import { createParser } from 'eventsource-parser'
 import type pg from 'pg'
 import t from 'tap'
 import { pruneLog } from '../../src/event-log.js'
-import { connect, openStream, publish, type ReceivedEvent, startGateway, type StreamClient, streamUrl, type TestGateway, waitFor, within } from '../helper.js'
-
-// A subtest's `t`.
-type Test = Parameters<Parameters<typeof t.test>[0]>[0]
-
-const subscriber = (gateway: TestGateway): Record<string, string> =>
-  ({ authorization: `Bearer ${gateway.token({ subscribe: ['*'] })}` })
-
-async function published (gateway: TestGateway, channel: string, body: string): Promise<string> {
-  const res = await publish(gateway, channel, body)
-  if (res.status !== 201) throw new Error(`publish to ${channel} answered ${res.status}: ${await res.text()}`)
-  return ((await res.json()) as { id: string }).id
-}
-
-/** Publishes a batch through POST /events; resolves with the ids. */
-async function publishedBatch (gateway: TestGateway, events: Array<{ channel: string, data: string }>): Promise<string[]> {
-  const res = await fetch(`${gateway.baseUrl}/events`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json', authorization: `Bearer ${gateway.token({ publish: ['*'] })}` },
-    body: JSON.stringify({ events })
-  })
-  if (res.status !== 201) throw new Error(`batch answered ${res.status}: ${await res.text()}`)
-  return ((await res.json()) as { ids: string[] }).ids
-}
+import { connect, openStream, published, publishedBatch, type ReceivedEvent, startGateway, type StreamClient, streamUrl, subscriber, type Test, waitFor, waitForData, within } from '../helper.js'
 
 async function logHead (db: pg.Client): Promise<string> {
   const { rows } = await db.query<{ id: string }>('SELECT last_id::text AS id FROM sse_gateway.log_head')
@@ -63,10 +40,6 @@ async function eventually (condition: () => Promise<boolean>, what: string, ms =
 async function openEvent (stream: StreamClient): Promise<ReceivedEvent> {
   await within(stream.until(() => stream.control.length > 0, 'gateway/open'), 'gateway/open')
   return stream.control[0] as ReceivedEvent
-}
-
-async function waitForData (stream: StreamClient, data: string): Promise<void> {
-  await within(stream.until(() => stream.events.some((e) => e.data === data), data), JSON.stringify(data))
 }
 
 const ids = (events: readonly ReceivedEvent[]): string[] => events.map((e) => e.id ?? '(none)')
