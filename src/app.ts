@@ -2,16 +2,20 @@ import { STATUS_CODES } from 'node:http'
 import { fileURLToPath } from 'node:url'
 import fastifyPostgres from '@fastify/postgres'
 import fastifyStatic from '@fastify/static'
+import fastifyUnderPressure from '@fastify/under-pressure'
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyServerOptions } from 'fastify'
 import type { GatewayConfig } from './config.js'
+import { OverloadedError } from './errors.js'
 import { migrate } from './event-log.js'
 import authPlugin from './plugins/auth.js'
 import gatewayPlugin from './plugins/gateway.js'
 import metricsPlugin from './plugins/metrics.js'
+import securityPlugin from './plugins/security.js'
 import channelsRoutes from './routes/channels.js'
 import eventsRoutes from './routes/events.js'
 import healthRoutes from './routes/health.js'
 import statusRoutes from './routes/status.js'
+import ticketsRoutes from './routes/tickets.js'
 
 /** The configuration build() needs: a database and a secret are settled. */
 export interface AppConfig extends GatewayConfig {
@@ -26,7 +30,7 @@ export function redactUrl (url: string): string {
   return url.replace(/([?&]access_token=)[^&#]*/gi, '$1[redacted]')
 }
 
-export function loggerOptions (level: string): FastifyServerOptions['logger'] {
+export function loggerOptions (level: string): Exclude<FastifyServerOptions['logger'], boolean | undefined> {
   return {
     level,
     redact: ['req.headers.authorization', 'req.headers.cookie'],
@@ -44,17 +48,30 @@ export function loggerOptions (level: string): FastifyServerOptions['logger'] {
 
 /** Makes the app, connected to its database, without listening. */
 export async function build (config: AppConfig, logger: FastifyServerOptions['logger'] = loggerOptions(config.LOG_LEVEL)): Promise<FastifyInstance> {
-  const app = Fastify({ logger })
+  const app = Fastify({
+    logger,
+    // Node answers a larger request line plus headers with a JSON 431.
+    http: { maxHeaderSize: config.MAX_HEADER_BYTES },
+    // Behind a proxy, request.ip (rate and stream limits, logs) is the client's only when trusted.
+    trustProxy: config.trustProxy
+  })
 
   app.setErrorHandler<FastifyError>((err, request, reply) => {
     const statusCode = err.statusCode !== undefined && err.statusCode >= 400 ? err.statusCode : 500
     // Our own errors and Fastify's 4xx are written for the client; anything
     // else may carry SQL or internals and is only logged.
     const exposed = statusCode < 500 || err.code?.startsWith('GW_') === true
-    if (statusCode >= 500) request.log.error({ err }, 'request failed')
+    // Refusals we answer on purpose (503 overloaded, unavailable) are
+    // expected under strain: a warning, without a stack per request.
+    if (statusCode >= 500 && !exposed) request.log.error({ err }, 'request failed')
+    else if (statusCode >= 500) request.log.warn({ code: err.code, message: err.message }, 'request refused')
     let message = exposed ? err.message : 'Internal Server Error'
     if (err.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE') message = 'unsupported content type: send application/json or text/plain'
     reply.code(statusCode).send({ statusCode, error: STATUS_CODES[statusCode] ?? 'Error', message })
+  })
+  // Fastify's own 404 message repeats the URL, which may hold a token.
+  app.setNotFoundHandler((_request, reply) => {
+    reply.code(404).send({ statusCode: 404, error: 'Not Found', message: 'no such route or file' })
   })
 
   await app.register(fastifyPostgres, {
@@ -74,14 +91,42 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
     client.release()
   }
 
-  await app.register(fastifyStatic, { root: PUBLIC_DIR })
+  // Sheds new requests with a 503 while the event loop lags, instead of
+  // queueing them until everything times out; open streams go on.
+  await app.register(fastifyUnderPressure, {
+    maxEventLoopDelay: config.MAX_EVENT_LOOP_DELAY_MS,
+    sampleInterval: config.EVENT_LOOP_SAMPLE_MS,
+    retryAfter: 5,
+    customError: OverloadedError
+  })
   await app.register(metricsPlugin)
-  await app.register(authPlugin, { secret: config.JWT_SECRET, publicChannels: config.publicChannels })
+  await app.register(authPlugin, {
+    algorithm: config.JWT_ALGORITHM,
+    secret: config.JWT_SECRET,
+    publicKey: config.jwtPublicKey,
+    audience: config.JWT_AUDIENCE,
+    issuer: config.JWT_ISSUER,
+    publicChannels: config.publicChannels,
+    cookieName: config.TOKEN_COOKIE,
+    trustedOrigins: config.corsOrigins
+  })
+  await app.register(securityPlugin, {
+    corsOrigins: config.corsOrigins,
+    maxUrlBytes: config.MAX_URL_BYTES,
+    maxStreamsPerAddress: config.MAX_STREAMS_PER_IP,
+    maxStreams: config.MAX_STREAMS,
+    publishRateMax: config.PUBLISH_RATE_MAX,
+    publishRateWindowMs: config.PUBLISH_RATE_WINDOW_MS,
+    cookieName: config.TOKEN_COOKIE
+  })
+  // After the security plugin: its headers and limits cover the static files too.
+  await app.register(fastifyStatic, { root: PUBLIC_DIR })
   await app.register(gatewayPlugin, { connectionString: config.DATABASE_URL, config })
 
   await app.register(healthRoutes)
   await app.register(eventsRoutes, { config })
   await app.register(channelsRoutes, { config })
   await app.register(statusRoutes, { config })
+  await app.register(ticketsRoutes, { config })
   return app
 }

@@ -1,8 +1,11 @@
+import { readFileSync } from 'node:fs'
 import { Type, type Static } from '@sinclair/typebox'
 import envSchema from 'env-schema'
 import { ChannelPatterns } from './channel.js'
 
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const
+export const JWT_ALGORITHMS = ['HS256', 'RS256', 'ES256'] as const
+export type JwtAlgorithm = typeof JWT_ALGORITHMS[number]
 
 // Every variable the gateway reads, with its default; .env.example mirrors it.
 export const ConfigSchema = Type.Object({
@@ -11,6 +14,16 @@ export const ConfigSchema = Type.Object({
   PORT: Type.Integer({ default: 3000, minimum: 0, maximum: 65535 }),
   // 32 characters are at least 32 bytes: enough for HS256.
   JWT_SECRET: Type.Optional(Type.String({ minLength: 32 })),
+  // One algorithm only: a token naming another (`none`, or HS256 signed with
+  // the public key) is refused, so algorithm confusion cannot pass.
+  JWT_ALGORITHM: Type.Unsafe<JwtAlgorithm>({ type: 'string', enum: [...JWT_ALGORITHMS], default: 'HS256' }),
+  JWT_PUBLIC_KEY_FILE: Type.Optional(Type.String({ minLength: 1 })),
+  JWT_AUDIENCE: Type.Optional(Type.String({ minLength: 1 })),
+  JWT_ISSUER: Type.Optional(Type.String({ minLength: 1 })),
+  TOKEN_COOKIE: Type.String({ default: 'pgsse_token', pattern: '^[A-Za-z0-9_.-]{1,64}$' }),
+  CORS_ORIGINS: Type.String({ default: '' }),
+  TRUST_PROXY: Type.String({ default: '' }),
+  TICKET_TTL_SECONDS: Type.Integer({ default: 30, minimum: 1, maximum: 300 }),
   PUBLIC_CHANNELS: Type.String({ default: '' }),
   HEARTBEAT_MS: Type.Integer({ default: 15000, minimum: 10 }),
   RETRY_MS: Type.Integer({ default: 3000, minimum: 0 }),
@@ -19,6 +32,12 @@ export const ConfigSchema = Type.Object({
   MAX_BATCH_EVENTS: Type.Integer({ default: 1000, minimum: 1 }),
   MAX_BATCH_BYTES: Type.Integer({ default: 1024 * 1024, minimum: 1024 }),
   MAX_CHANNELS_PER_STREAM: Type.Integer({ default: 32, minimum: 1 }),
+  MAX_STREAMS_PER_IP: Type.Integer({ default: 256, minimum: 1 }),
+  MAX_STREAMS: Type.Integer({ default: 10000, minimum: 1 }),
+  PUBLISH_RATE_MAX: Type.Integer({ default: 10000, minimum: 1 }),
+  PUBLISH_RATE_WINDOW_MS: Type.Integer({ default: 60000, minimum: 1000 }),
+  MAX_HEADER_BYTES: Type.Integer({ default: 16384, minimum: 1024, maximum: 1024 * 1024 }),
+  MAX_URL_BYTES: Type.Integer({ default: 8192, minimum: 256, maximum: 1024 * 1024 }),
   STREAM_BUFFER_BYTES: Type.Integer({ default: 1024 * 1024, minimum: 1024 }),
   PG_POOL_SIZE: Type.Integer({ default: 10, minimum: 1 }),
   LISTENER_LIVENESS_INTERVAL_MS: Type.Integer({ default: 10000, minimum: 10 }),
@@ -28,7 +47,10 @@ export const ConfigSchema = Type.Object({
   RETENTION_MAX_EVENTS: Type.Integer({ default: 1_000_000, minimum: 1 }),
   RETENTION_INTERVAL_MS: Type.Integer({ default: 60000, minimum: 10 }),
   IDEMPOTENCY_WINDOW_SECONDS: Type.Integer({ default: 86400, minimum: 1 }),
-  EMBEDDED_PG_DIR: Type.String({ default: '.data/postgres', minLength: 1 })
+  EMBEDDED_PG_DIR: Type.String({ default: '.data/postgres', minLength: 1 }),
+  // Load shedding: 0 turns it off.
+  MAX_EVENT_LOOP_DELAY_MS: Type.Integer({ default: 1000, minimum: 0 }),
+  EVENT_LOOP_SAMPLE_MS: Type.Integer({ default: 1000, minimum: 10 })
 })
 
 export type Env = Static<typeof ConfigSchema>
@@ -36,6 +58,12 @@ export type Env = Static<typeof ConfigSchema>
 export interface GatewayConfig extends Readonly<Env> {
   /** PUBLIC_CHANNELS, compiled. */
   readonly publicChannels: ChannelPatterns
+  /** CORS_ORIGINS, as origins (`scheme://host[:port]`). */
+  readonly corsOrigins: readonly string[]
+  /** The PEM text of JWT_PUBLIC_KEY_FILE, for RS256 and ES256. */
+  readonly jwtPublicKey: string | undefined
+  /** TRUST_PROXY as Fastify's trustProxy option. */
+  readonly trustProxy: boolean | string[]
 }
 
 export class ConfigError extends Error {
@@ -62,5 +90,33 @@ export function loadConfig (env: Record<string, string | undefined> = process.en
   } catch (err) {
     throw new ConfigError(`invalid configuration: PUBLIC_CHANNELS: ${(err as Error).message}`)
   }
-  return Object.freeze({ ...values, publicChannels })
+  const fail = (message: string): never => { throw new ConfigError(`invalid configuration: ${message}`) }
+  let jwtPublicKey: string | undefined
+  if (values.JWT_ALGORITHM === 'HS256') {
+    if (values.JWT_PUBLIC_KEY_FILE !== undefined) fail('JWT_PUBLIC_KEY_FILE is for RS256 and ES256: set JWT_ALGORITHM too')
+  } else {
+    if (values.JWT_PUBLIC_KEY_FILE === undefined) fail(`JWT_PUBLIC_KEY_FILE is needed with JWT_ALGORITHM=${values.JWT_ALGORITHM}`)
+    try {
+      jwtPublicKey = readFileSync(values.JWT_PUBLIC_KEY_FILE as string, 'utf8')
+    } catch (err) {
+      fail(`JWT_PUBLIC_KEY_FILE cannot be read: ${(err as NodeJS.ErrnoException).code ?? 'error'}`)
+    }
+    if (jwtPublicKey?.includes('PRIVATE KEY') === true) fail('JWT_PUBLIC_KEY_FILE holds a private key: give the public key only')
+    if (jwtPublicKey?.includes('PUBLIC KEY') !== true) fail('JWT_PUBLIC_KEY_FILE must hold a PEM public key')
+  }
+  const corsOrigins = splitList(values.CORS_ORIGINS).map((origin) => {
+    let url: URL | undefined
+    try { url = new URL(origin) } catch {}
+    // An origin is exactly scheme://host[:port], as browsers send it.
+    if (url === undefined || url.origin === 'null' || url.origin !== origin) {
+      return fail(`CORS_ORIGINS: "${origin}" is not an origin such as https://app.example.com`)
+    }
+    return origin
+  })
+  const trustProxy = values.TRUST_PROXY === 'true' ? true : splitList(values.TRUST_PROXY)
+  return Object.freeze({ ...values, publicChannels, corsOrigins, jwtPublicKey, trustProxy: Array.isArray(trustProxy) && trustProxy.length === 0 ? false : trustProxy })
+}
+
+function splitList (list: string): string[] {
+  return list.split(',').map((item) => item.trim()).filter((item) => item !== '')
 }

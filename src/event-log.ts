@@ -128,6 +128,18 @@ const MIGRATIONS: readonly string[] = [
     created_at timestamptz NOT NULL DEFAULT now()
   );
   CREATE INDEX idempotency_keys_created_at ON ${LOG_SCHEMA}.idempotency_keys (created_at);
+  `,
+  `
+  -- Subscribe tickets (src/tickets.ts): short-lived, single-use, shared by
+  -- every instance. Only a hash of the ticket is kept.
+  CREATE TABLE ${LOG_SCHEMA}.tickets (
+    hash text PRIMARY KEY,
+    channels text[] NOT NULL,
+    subject text,
+    token_expires_at bigint,
+    expires_at timestamptz NOT NULL
+  );
+  CREATE INDEX tickets_expires_at ON ${LOG_SCHEMA}.tickets (expires_at);
   `
 ]
 

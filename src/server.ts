@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto'
 import closeWithGrace from 'close-with-grace'
-import { build } from './app.js'
+import { build, loggerOptions } from './app.js'
 import { ConfigError, loadConfig } from './config.js'
 import { type EmbeddedDatabase, startEmbeddedPostgres } from './embedded-postgres.js'
 
@@ -21,7 +21,13 @@ async function main (): Promise<void> {
   const generatedSecret = config.JWT_SECRET === undefined
   const jwtSecret = config.JWT_SECRET ?? randomBytes(32).toString('base64url')
 
-  const app = await build({ ...config, DATABASE_URL: databaseUrl, JWT_SECRET: jwtSecret })
+  // JSON lines for machines; readable lines for a person at a terminal.
+  const logger = loggerOptions(config.LOG_LEVEL)
+  const pretty = process.stdout.isTTY && process.env.NODE_ENV !== 'production'
+  const app = await build(
+    { ...config, DATABASE_URL: databaseUrl, JWT_SECRET: jwtSecret },
+    pretty ? { ...logger, transport: { target: 'pino-pretty', options: { translateTime: 'HH:MM:ss.l', ignore: 'pid,hostname' } } } : logger
+  )
   closeWithGrace({ delay: 10_000 }, async ({ err, signal }) => {
     if (err !== undefined) app.log.error({ err }, 'stopping on an error')
     else app.log.info({ signal }, 'stopping')
@@ -30,7 +36,8 @@ async function main (): Promise<void> {
   })
   const address = await app.listen({ host: config.HOST, port: config.PORT })
 
-  if (generatedSecret) {
+  // With RS256/ES256 the gateway holds no signing key: tokens are minted elsewhere.
+  if (generatedSecret && config.JWT_ALGORITHM === 'HS256') {
     // A secret made up for this run only: print tokens a newcomer can use now.
     const demoToken = app.jwt.sign({ sub: 'demo', subscribe: ['*'], publish: ['*'] }, { expiresIn: '12h' })
     say('')

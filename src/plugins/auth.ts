@@ -1,8 +1,11 @@
+import fastifyCookie from '@fastify/cookie'
 import fastifyJwt from '@fastify/jwt'
 import type { FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { ChannelPatterns } from '../channel.js'
-import { ForbiddenError, UnauthorizedError } from '../errors.js'
+import type { JwtAlgorithm } from '../config.js'
+import { ForbiddenError, UnauthorizedError, UnavailableError } from '../errors.js'
+import { isTicket, redeemTicket } from '../tickets.js'
 
 export type ChannelAction = 'publish' | 'subscribe'
 
@@ -10,6 +13,10 @@ export interface GatewayClaims {
   sub?: string
   publish?: string[]
   subscribe?: string[]
+  /** Seconds since the epoch; every token the gateway accepts has one. */
+  exp?: number
+  /** The operator's claim: reads GET /status. */
+  admin?: boolean
 }
 
 declare module '@fastify/jwt' {
@@ -32,42 +39,151 @@ declare module 'fastify' {
 }
 
 export interface AuthPluginOptions {
+  /** The one algorithm accepted. */
+  algorithm?: JwtAlgorithm
+  /** The HS256 secret, at least 32 bytes. */
   secret: string
+  /** The PEM public key for RS256 or ES256. */
+  publicKey?: string | undefined
+  /** When set, a token must carry this `aud`. */
+  audience?: string | undefined
+  /** When set, a token must carry this `iss`. */
+  issuer?: string | undefined
   publicChannels: ChannelPatterns
+  /** The cookie a browser may carry the token in. */
+  cookieName?: string
+  /** Origins allowed to publish with a cookie (besides the gateway's own). */
+  trustedOrigins?: readonly string[]
 }
 
-function bearerOrQueryToken (request: FastifyRequest): string | undefined {
+type TokenSource = 'header' | 'query' | 'cookie'
+
+interface FoundToken {
+  token: string
+  source: TokenSource
+}
+
+function findToken (request: FastifyRequest, cookieName: string): FoundToken | undefined {
   const header = request.headers.authorization
   if (header !== undefined) {
     const match = /^Bearer\s+(\S+)\s*$/i.exec(header)
-    return match?.[1] ?? ''
+    return { token: match?.[1] ?? '', source: 'header' }
   }
   // EventSource cannot send headers, so streams may carry the token in the URL.
   const query = request.query as Record<string, unknown> | undefined
   const token = query?.access_token
-  return typeof token === 'string' ? token : undefined
+  if (typeof token === 'string') return { token, source: 'query' }
+  const cookie = request.cookies[cookieName]
+  if (cookie !== undefined) return { token: cookie, source: 'cookie' }
+  return undefined
 }
 
-export default fp<AuthPluginOptions>(async function authPlugin (app, { secret, publicChannels }) {
+/**
+ * A browser sends a cookie with any request to the gateway, whoever's page
+ * makes it: a write authenticated by a cookie must come from a page of an
+ * allowed origin (or of the gateway itself), or it is cross-site request
+ * forgery. Browsers send Origin on every POST, and a page cannot forge it.
+ */
+function originAllowed (request: FastifyRequest, trusted: ReadonlySet<string>): boolean {
+  const origin = request.headers.origin
+  if (origin === undefined || origin === 'null') return false
+  if (trusted.has(origin)) return true
+  try {
+    return new URL(origin).host === request.headers.host
+  } catch {
+    return false
+  }
+}
+
+const JWT_ERRORS: Record<string, string> = {
+  FAST_JWT_EXPIRED: 'the token has expired',
+  FAST_JWT_INACTIVE: 'the token is not valid yet (nbf)',
+  FAST_JWT_INVALID_CLAIM_VALUE: 'the token is not meant for this gateway (aud or iss)',
+  FAST_JWT_MISSING_CLAIM: 'the token is not meant for this gateway (aud or iss)'
+}
+
+export default fp<AuthPluginOptions>(async function authPlugin (app, options) {
+  const { publicChannels, audience, issuer } = options
+  const algorithm = options.algorithm ?? 'HS256'
+  const cookieName = options.cookieName ?? 'pgsse_token'
+  const trustedOrigins = new Set(options.trustedOrigins ?? [])
+  if (algorithm === 'HS256') {
+    // A short HMAC secret can be brute-forced offline from any one token.
+    if (Buffer.byteLength(options.secret) < 32) throw new TypeError('the HS256 secret must be at least 32 bytes')
+  } else if (options.publicKey === undefined) {
+    throw new TypeError(`${algorithm} needs a public key`)
+  }
+
+  const required = ['exp', ...(audience !== undefined ? ['aud'] : []), ...(issuer !== undefined ? ['iss'] : [])]
+  const errorMessages: Record<string, string> = {
+    ...JWT_ERRORS,
+    FAST_JWT_MISSING_REQUIRED_CLAIM: `the token must have the claims ${required.join(', ')}`
+  }
+
+  await app.register(fastifyCookie)
   await app.register(fastifyJwt, {
-    secret,
-    sign: { algorithm: 'HS256' },
-    verify: { algorithms: ['HS256'] }
+    // With a public key the gateway only verifies: tokens are minted elsewhere.
+    secret: algorithm === 'HS256' ? options.secret : { public: options.publicKey as string },
+    sign: {
+      algorithm,
+      // Tokens the gateway mints (the demo token, tests) expire by default.
+      expiresIn: '1h',
+      ...(audience !== undefined ? { aud: audience } : {}),
+      ...(issuer !== undefined ? { iss: issuer } : {})
+    },
+    verify: {
+      algorithms: [algorithm],
+      // fast-jwt checks aud and iss only when present: require them too.
+      requiredClaims: required,
+      ...(audience !== undefined ? { allowedAud: audience } : {}),
+      ...(issuer !== undefined ? { allowedIss: issuer } : {})
+    }
   })
+
+  async function ticketClaims (request: FastifyRequest, ticket: string, action: ChannelAction, wanted: readonly string[]): Promise<GatewayClaims> {
+    // Not for publishing, nor for buying another ticket (which would outlive it).
+    if (action !== 'subscribe' || request.method !== 'GET') {
+      throw new UnauthorizedError('a ticket only opens a stream: use a token here')
+    }
+    let grant
+    try {
+      grant = await redeemTicket(app.pg.pool, ticket)
+    } catch (err) {
+      request.log.error({ err: { message: (err as Error).message } }, 'redeeming a ticket failed')
+      throw new UnavailableError('the ticket cannot be checked right now; retry shortly')
+    }
+    if (grant === null) throw new UnauthorizedError('the ticket is invalid, expired or already used')
+    if (grant.tokenExpiresAt !== undefined && grant.tokenExpiresAt * 1000 <= Date.now()) {
+      throw new UnauthorizedError('the token the ticket was issued for has expired')
+    }
+    const granted = new Set(grant.channels)
+    const denied = wanted.filter((c) => !granted.has(c) && !publicChannels.matches(c))
+    if (denied.length > 0) {
+      throw new ForbiddenError(`the ticket does not allow to subscribe on ${denied.map((c) => `"${c}"`).join(', ')}`)
+    }
+    const claims: GatewayClaims = { subscribe: [...grant.channels] }
+    if (grant.subject !== undefined) claims.sub = grant.subject
+    if (grant.tokenExpiresAt !== undefined) claims.exp = grant.tokenExpiresAt
+    return claims
+  }
 
   app.decorate('authorize', async function authorize (request: FastifyRequest, action: ChannelAction, channels: Iterable<string>): Promise<GatewayClaims | null> {
     const wanted = [...channels]
     if (action === 'subscribe' && publicChannels.matchesAll(wanted)) return null
-    const token = bearerOrQueryToken(request)
-    if (token === undefined || token === '') {
+    const found = findToken(request, cookieName)
+    if (found === undefined || found.token === '') {
       throw new UnauthorizedError(`a token is needed to ${action}: send Authorization: Bearer <token> or ?access_token=<token>`)
     }
+    if (found.source === 'cookie' && request.method !== 'GET' && request.method !== 'HEAD' && !originAllowed(request, trustedOrigins)) {
+      throw new ForbiddenError('a request authenticated by cookie must come from an allowed Origin')
+    }
+    if (isTicket(found.token)) return await ticketClaims(request, found.token, action, wanted)
     let claims: GatewayClaims
     try {
-      claims = app.jwt.verify<GatewayClaims>(token)
+      claims = app.jwt.verify<GatewayClaims>(found.token)
     } catch (err) {
-      const expired = (err as { code?: string }).code === 'FAST_JWT_EXPIRED'
-      throw new UnauthorizedError(expired ? 'the token has expired' : 'the token is invalid')
+      // fast-jwt's own messages are fine, but ours never risk echoing input.
+      throw new UnauthorizedError(errorMessages[(err as { code?: string }).code ?? ''] ?? 'the token is invalid')
     }
     const allowed = ChannelPatterns.fromClaim(claims[action])
     const denied = wanted.filter((c) => !allowed.matches(c) && !(action === 'subscribe' && publicChannels.matches(c)))
@@ -76,4 +192,4 @@ export default fp<AuthPluginOptions>(async function authPlugin (app, { secret, p
     }
     return claims
   })
-}, { name: 'gateway-auth' })
+}, { name: 'gateway-auth', dependencies: ['@fastify/postgres'] })

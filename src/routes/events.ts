@@ -6,7 +6,7 @@ import { BadRequestError, UnavailableError } from '../errors.js'
 import { EVENT_STREAM_HEADERS, EventStream, GATEWAY_EVENTS } from '../event-stream.js'
 import { type LogBounds, readLogBounds, readReplayPage } from '../event-log.js'
 import { encodeEvent, encodeRetry } from '../sse.js'
-import { checkChannelNames, publishAll, toPayload } from './publishing.js'
+import { checkChannelNames, decodeBody, publishAll, toPayload } from './publishing.js'
 
 export interface EventsRoutesOptions {
   config: GatewayConfig
@@ -69,6 +69,28 @@ async function replayLog (app: FastifyInstance, stream: EventStream, channels: r
   }
 }
 
+// setTimeout takes at most 2^31 - 1 ms (24.8 days); a later expiry re-arms.
+const MAX_TIMER_MS = 2 ** 31 - 1
+
+/** Ends the stream when `exp` (seconds) passes; returns the cancel. */
+function endAtExpiry (stream: EventStream, exp: number): () => void {
+  let timer: NodeJS.Timeout | undefined
+  const arm = (): void => {
+    const left = exp * 1000 - Date.now()
+    if (left > 0) {
+      timer = setTimeout(arm, Math.min(left, MAX_TIMER_MS))
+      return
+    }
+    stream.write(Buffer.from(encodeEvent({
+      event: 'gateway/expired',
+      data: JSON.stringify({ reason: 'the token expired: reconnect with a fresh one' })
+    })))
+    stream.end()
+  }
+  arm()
+  return () => clearTimeout(timer)
+}
+
 const BatchBody = Type.Object({
   events: Type.Array(Type.Object({
     channel: Type.String(),
@@ -78,17 +100,36 @@ const BatchBody = Type.Object({
 
 export default async function eventsRoutes (app: FastifyInstance, { config }: EventsRoutesOptions): Promise<void> {
   const routes = app.withTypeProvider<TypeBoxTypeProvider>()
+  // A batch is UTF-8 JSON: invalid bytes are refused, not replaced by U+FFFD;
+  // then Fastify's parser (which refuses __proto__ and constructor keys).
+  const parseJson = app.getDefaultJsonParser('error', 'error')
+  app.removeContentTypeParser(['application/json', 'text/plain'])
+  app.addContentTypeParser('application/json', { parseAs: 'buffer' }, (request, body, done) => {
+    let text: string
+    try {
+      text = decodeBody(request, body as Buffer)
+    } catch (err) {
+      done(err as Error, undefined)
+      return
+    }
+    parseJson(request, text, done)
+  })
 
-  routes.get('/events', { schema: { querystring: StreamQuery } }, async (request, reply) => {
+  // No HEAD: it would open a stream whose events nobody may send.
+  routes.get('/events', { schema: { querystring: StreamQuery }, exposeHeadRoute: false }, async (request, reply) => {
     const channels = [...new Set(request.query.channel)]
-    checkChannelNames(channels)
     if (channels.length > config.MAX_CHANNELS_PER_STREAM) {
       throw new BadRequestError(`a stream may have at most ${config.MAX_CHANNELS_PER_STREAM} channels`)
     }
+    checkChannelNames(channels)
     // EventSource sends the header on reconnect; the query parameter serves
     // a first connection from a client that kept its place.
     const resumeFrom = parseEventId(request.headers['last-event-id'] ?? request.query.lastEventId)
-    await app.authorize(request, 'subscribe', channels)
+    // Counted before the token is checked (a ticket is spent by the check);
+    // released when the response closes, however the request ends.
+    const releaseSlot = app.streamLimits.acquire(request.ip)
+    reply.raw.on('close', releaseSlot)
+    const claims = await app.authorize(request, 'subscribe', channels)
 
     const stream = new EventStream(reply.raw, {
       maxBufferedBytes: config.STREAM_BUFFER_BYTES,
@@ -122,7 +163,9 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
     // committed after the client sees the response is never missed.
     reply.hijack()
     app.streams.add(stream)
+    let clearExpiry = (): void => {}
     reply.raw.on('close', () => {
+      clearExpiry()
       unsubscribe()
       app.streams.delete(stream)
     })
@@ -138,6 +181,8 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
       })
     }
     stream.open({ ...reply.getHeaders() as OutgoingHttpHeaders, ...EVENT_STREAM_HEADERS }, preamble)
+    // The stream lives no longer than its token: the client reconnects with a fresh one.
+    if (claims?.exp !== undefined) clearExpiry = endAtExpiry(stream, claims.exp)
 
     if (start.after < bounds.head) {
       try {
@@ -156,6 +201,7 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
 
   routes.post('/events', {
     bodyLimit: config.MAX_BATCH_BYTES,
+    onRequest: app.publishRateLimit,
     schema: { body: BatchBody }
   }, async (request, reply) => {
     const { events } = request.body

@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
-import { BadRequestError, ConflictError, InvalidChannelError, PayloadTooLargeError, UnavailableError } from '../errors.js'
+import { BadRequestError, ConflictError, InvalidChannelError, PayloadTooLargeError, UnavailableError, UnsupportedMediaTypeError } from '../errors.js'
 import { type EventToPublish, IdempotencyConflictError, type IdempotencyKey, type PublishResult, publishEvents } from '../event-log.js'
 import type { GatewayClaims } from '../plugins/auth.js'
 import { CHANNEL_NAME_RULE, isChannelName } from '../channel.js'
@@ -23,6 +23,28 @@ export function toPayload (data: unknown, maxBytes: number, what: string): strin
   return payload
 }
 
+const LONE_SURROGATE = /\p{Surrogate}/u
+
+// fatal: invalid UTF-8 is refused rather than turned into U+FFFD, which
+// would publish something else than was sent. ignoreBOM keeps a BOM as sent.
+const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
+
+/**
+ * A request body as text: UTF-8 only (415 for another charset, 400 for
+ * bytes that are not UTF-8).
+ */
+export function decodeBody (request: FastifyRequest, body: Buffer): string {
+  const charset = /;\s*charset\s*=\s*"?([^";\s]*)/i.exec(request.headers['content-type'] ?? '')?.[1]
+  if (charset !== undefined && !/^(utf-?8|us-ascii)$/i.test(charset)) {
+    throw new UnsupportedMediaTypeError('send the body as UTF-8 (charset=utf-8)')
+  }
+  try {
+    return UTF8.decode(body)
+  } catch {
+    throw new BadRequestError('the body is not valid UTF-8')
+  }
+}
+
 export function checkPayload (payload: string, maxBytes: number, what: string): void {
   if (Buffer.byteLength(payload) > maxBytes) {
     throw new PayloadTooLargeError(`${what} is larger than ${maxBytes} bytes`)
@@ -30,6 +52,11 @@ export function checkPayload (payload: string, maxBytes: number, what: string): 
   // PostgreSQL text cannot hold NUL.
   if (payload.includes('\u0000')) {
     throw new BadRequestError(`${what} must not contain the NUL character`)
+  }
+  // A lone surrogate (JSON allows "\ud800") has no UTF-8 form: it would
+  // arrive as U+FFFD, not as sent.
+  if (LONE_SURROGATE.test(payload)) {
+    throw new BadRequestError(`${what} must be valid Unicode: it holds a lone surrogate`)
   }
 }
 

@@ -1,0 +1,104 @@
+import { createHash } from 'node:crypto'
+import fastifyCors from '@fastify/cors'
+import fastifyHelmet from '@fastify/helmet'
+import fastifyRateLimit from '@fastify/rate-limit'
+import type { FastifyRequest, onRequestAsyncHookHandler } from 'fastify'
+import fp from 'fastify-plugin'
+import { TooManyRequestsError, UriTooLongError } from '../errors.js'
+import { StreamLimits } from '../stream-limits.js'
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** Live streams of this instance, per client address and in total. */
+    streamLimits: StreamLimits
+    /** The onRequest hook of the publish routes: one budget for both. */
+    publishRateLimit: onRequestAsyncHookHandler
+    /** The onRequest hook of POST /tickets, with a budget of its own. */
+    ticketRateLimit: onRequestAsyncHookHandler
+  }
+}
+
+export interface SecurityPluginOptions {
+  /** Origins whose pages may call the gateway with credentials. */
+  corsOrigins: readonly string[]
+  maxUrlBytes: number
+  maxStreamsPerAddress: number
+  maxStreams: number
+  /** Publish requests allowed per token (or address) in each window. */
+  publishRateMax: number
+  publishRateWindowMs: number
+  cookieName: string
+}
+
+/**
+ * The key a request is limited by: its token (hashed: keys are kept in
+ * memory), or its address when it has none. Read before the token is
+ * checked, so a client with forged tokens spreads over buckets it cannot
+ * use anyway: each of them answers 401.
+ */
+function rateLimitKey (request: FastifyRequest, cookieName: string): string {
+  const header = request.headers.authorization
+  const query = request.query as Record<string, unknown> | undefined
+  const token = typeof header === 'string'
+    ? header
+    : typeof query?.access_token === 'string' ? query.access_token : request.cookies[cookieName]
+  if (token === undefined || token === '') return `ip:${request.ip}`
+  return `token:${createHash('sha256').update(token).digest('base64url')}`
+}
+
+/** Security headers, CORS, rate limits and request size limits. */
+export default fp<SecurityPluginOptions>(async function securityPlugin (app, options) {
+  const allowedOrigins = new Set(options.corsOrigins)
+
+  await app.register(fastifyHelmet, {
+    contentSecurityPolicy: {
+      useDefaults: false,
+      // The demo page loads its script and style from the gateway and talks
+      // to it alone; nothing inline, nothing from elsewhere.
+      directives: {
+        defaultSrc: ["'self'"],
+        scriptSrc: ["'self'"],
+        styleSrc: ["'self'"],
+        imgSrc: ["'self'", 'data:'],
+        connectSrc: ["'self'"],
+        objectSrc: ["'none'"],
+        baseUri: ["'none'"],
+        formAction: ["'self'"],
+        frameAncestors: ["'none'"]
+      }
+    }
+  })
+
+  await app.register(fastifyCors, {
+    // Only listed origins get CORS headers, credentials included; for any
+    // other origin the browser keeps the response from the page.
+    origin: (origin, callback) => callback(null, origin !== undefined && allowedOrigins.has(origin) ? origin : false),
+    credentials: true,
+    methods: ['GET', 'POST'],
+    allowedHeaders: ['authorization', 'content-type', 'last-event-id', 'idempotency-key'],
+    maxAge: 600
+  })
+
+  await app.register(fastifyRateLimit, {
+    global: false,
+    max: options.publishRateMax,
+    timeWindow: options.publishRateWindowMs,
+    keyGenerator: (request) => rateLimitKey(request, options.cookieName),
+    errorResponseBuilder: (_request, context) =>
+      new TooManyRequestsError(`too many requests: at most ${context.max} in ${options.publishRateWindowMs / 1000} s; retry in ${context.after}`)
+  })
+
+  // Node's maxHeaderSize bounds the request line and headers together (431);
+  // a URL gets a bound of its own, lower.
+  app.addHook('onRequest', async (request) => {
+    if (Buffer.byteLength(request.raw.url ?? '') > options.maxUrlBytes) {
+      throw new UriTooLongError(`the URL is longer than ${options.maxUrlBytes} bytes`)
+    }
+  })
+
+  // One limiter (one store) per budget: a route's own `config.rateLimit`
+  // would give each route a separate budget.
+  app.decorate('publishRateLimit', app.rateLimit() as onRequestAsyncHookHandler)
+  app.decorate('ticketRateLimit', app.rateLimit() as onRequestAsyncHookHandler)
+  app.decorate('streamLimits', new StreamLimits(options.maxStreamsPerAddress, options.maxStreams))
+}, { name: 'gateway-security', dependencies: ['gateway-auth'] })

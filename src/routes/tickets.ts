@@ -1,0 +1,43 @@
+import { Type, type TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
+import type { FastifyInstance } from 'fastify'
+import type { GatewayConfig } from '../config.js'
+import { BadRequestError, UnavailableError } from '../errors.js'
+import { issueTicket } from '../tickets.js'
+import { checkChannelNames } from './publishing.js'
+
+export interface TicketsRoutesOptions {
+  config: GatewayConfig
+}
+
+const TicketBody = Type.Object({
+  channels: Type.Array(Type.String(), { minItems: 1 })
+})
+
+/**
+ * POST /tickets: trades a token for a subscribe ticket, so that a browser
+ * puts a short-lived, single-use, channel-scoped ticket in the stream's URL
+ * (where URLs end up: logs, histories, Referer) instead of its token.
+ */
+export default async function ticketsRoutes (app: FastifyInstance, { config }: TicketsRoutesOptions): Promise<void> {
+  app.withTypeProvider<TypeBoxTypeProvider>().post('/tickets', {
+    bodyLimit: 16 * 1024,
+    onRequest: app.ticketRateLimit,
+    schema: { body: TicketBody }
+  }, async (request, reply) => {
+    const channels = [...new Set(request.body.channels)]
+    if (channels.length > config.MAX_CHANNELS_PER_STREAM) {
+      throw new BadRequestError(`a ticket may have at most ${config.MAX_CHANNELS_PER_STREAM} channels, as a stream`)
+    }
+    checkChannelNames(channels)
+    const claims = await app.authorize(request, 'subscribe', channels)
+    let ticket: string
+    try {
+      ticket = await issueTicket(app.pg.pool, { channels, subject: claims?.sub, tokenExpiresAt: claims?.exp }, config.TICKET_TTL_SECONDS)
+    } catch (err) {
+      request.log.error({ err: { message: (err as Error).message } }, 'issuing a ticket failed')
+      throw new UnavailableError('the ticket could not be issued; retry shortly')
+    }
+    reply.code(201)
+    return { ticket, channels, expiresIn: config.TICKET_TTL_SECONDS }
+  })
+}

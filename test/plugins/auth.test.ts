@@ -1,0 +1,205 @@
+import { generateKeyPairSync } from 'node:crypto'
+import { mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import path from 'node:path'
+import { createSigner } from 'fast-jwt'
+import Fastify from 'fastify'
+import fp from 'fastify-plugin'
+import t from 'tap'
+import { ChannelPatterns } from '../../src/channel.js'
+import authPlugin from '../../src/plugins/auth.js'
+import { JWT_SECRET, openStream, startGateway, streamUrl, type TestGateway, within } from '../helper.js'
+import { epoch, errorJson, stillServing, type Test, unsignedToken } from '../security-helper.js'
+
+const ALL = { publish: ['*'], subscribe: ['*'] }
+const bearerAll = (gateway: TestGateway): Record<string, string> => ({ authorization: `Bearer ${gateway.token(ALL)}` })
+
+/** A GET /events and a POST /channels/:channel with `token`, both expected to answer `status`. */
+async function refused (t: Test, gateway: TestGateway, token: string, status: number, message?: RegExp): Promise<void> {
+  const stream = await fetch(streamUrl(gateway.baseUrl, ['secret']), { headers: { authorization: `Bearer ${token}` } })
+  const body = await errorJson(t, stream, status)
+  if (message !== undefined) t.match(body.message, message)
+  t.notMatch(JSON.stringify(body), token.slice(0, 20), 'the answer does not echo the token')
+  const post = await fetch(`${gateway.baseUrl}/channels/secret`, {
+    method: 'POST',
+    headers: { 'content-type': 'text/plain', authorization: `Bearer ${token}` },
+    body: 'x'
+  })
+  await errorJson(t, post, status)
+}
+
+async function accepted (t: Test, gateway: TestGateway, token: string): Promise<void> {
+  const stream = await openStream(t, streamUrl(gateway.baseUrl, ['secret']), { authorization: `Bearer ${token}` })
+  t.equal(stream.response.status, 200, 'the stream opens')
+  const post = await fetch(`${gateway.baseUrl}/channels/secret`, {
+    method: 'POST',
+    headers: { 'content-type': 'text/plain', authorization: `Bearer ${token}` },
+    body: 'accepted'
+  })
+  t.equal(post.status, 201, 'the publish is accepted')
+  const [event] = await within(stream.take(1), 'the event')
+  t.equal(event?.data, 'accepted')
+  stream.close()
+  await stream.done
+}
+
+async function keyFile (t: Test, pem: string): Promise<string> {
+  const dir = await mkdtemp(path.join(tmpdir(), 'pgsse-key-'))
+  t.teardown(() => rm(dir, { recursive: true, force: true }))
+  const file = path.join(dir, 'public.pem')
+  await writeFile(file, pem)
+  return file
+}
+
+t.test('HS256: only tokens signed with JWT_SECRET by HS256, with an exp in force, pass', async (t) => {
+  const gateway = await startGateway(t)
+  const hs256 = createSigner({ key: JWT_SECRET, algorithm: 'HS256', expiresIn: 60_000 })
+
+  await t.test('alg none', async (t) => {
+    await refused(t, gateway, unsignedToken({ ...ALL, exp: epoch(60) }), 401)
+    await refused(t, gateway, unsignedToken({ ...ALL, exp: epoch(60) }).slice(0, -1), 401)
+  })
+  await t.test('another secret', async (t) =>
+    refused(t, gateway, createSigner({ key: 'another-secret-that-is-at-least-32-bytes', expiresIn: 60_000 })(ALL), 401))
+  await t.test('another HMAC algorithm with the right secret', async (t) =>
+    refused(t, gateway, createSigner({ key: JWT_SECRET, algorithm: 'HS512', expiresIn: 60_000 })(ALL), 401))
+  await t.test('RS256', async (t) => {
+    const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 })
+    await refused(t, gateway, createSigner({ key: privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, algorithm: 'RS256', expiresIn: 60_000 })(ALL), 401)
+  })
+  await t.test('expired', async (t) =>
+    refused(t, gateway, createSigner({ key: JWT_SECRET, algorithm: 'HS256' })({ ...ALL, exp: epoch(-5) }), 401, /expired/))
+  await t.test('not valid before a later time', async (t) =>
+    refused(t, gateway, createSigner({ key: JWT_SECRET, algorithm: 'HS256', expiresIn: 60_000, notBefore: 30_000 })(ALL), 401, /not valid yet/))
+  await t.test('no exp', async (t) =>
+    refused(t, gateway, createSigner({ key: JWT_SECRET, algorithm: 'HS256' })(ALL), 401, /exp/))
+  await t.test('a tampered payload', async (t) => {
+    const [header, , signature] = hs256({ subscribe: ['public'] }).split('.')
+    const forged = `${header}.${Buffer.from(JSON.stringify({ ...ALL, exp: epoch(60) })).toString('base64url')}.${signature}`
+    await refused(t, gateway, forged, 401)
+  })
+  await t.test('the right token', async (t) => accepted(t, gateway, hs256(ALL)))
+  await stillServing(t, gateway)
+})
+
+t.test('aud and iss are enforced when configured', async (t) => {
+  const gateway = await startGateway(t, { JWT_AUDIENCE: 'pg-sse-gateway', JWT_ISSUER: 'https://auth.example.com' })
+  const sign = (claims: Record<string, unknown>): string => createSigner({ key: JWT_SECRET, expiresIn: 60_000 })({ ...ALL, ...claims })
+  await t.test('no aud', async (t) => refused(t, gateway, sign({ iss: 'https://auth.example.com' }), 401, /claims exp, aud, iss/))
+  await t.test('another aud', async (t) => refused(t, gateway, sign({ aud: 'another-service', iss: 'https://auth.example.com' }), 401, /aud or iss/))
+  await t.test('no iss', async (t) => refused(t, gateway, sign({ aud: 'pg-sse-gateway' }), 401))
+  await t.test('another iss', async (t) => refused(t, gateway, sign({ aud: 'pg-sse-gateway', iss: 'https://evil.example.com' }), 401))
+  await t.test('both right', async (t) => accepted(t, gateway, sign({ aud: 'pg-sse-gateway', iss: 'https://auth.example.com' })))
+  await t.test('an audience among several', async (t) => accepted(t, gateway, sign({ aud: ['other', 'pg-sse-gateway'], iss: 'https://auth.example.com' })))
+  await t.test('tokens the gateway mints carry them', async (t) => accepted(t, gateway, gateway.token(ALL)))
+})
+
+for (const [algorithm, pair] of [
+  ['RS256', () => generateKeyPairSync('rsa', { modulusLength: 2048 })],
+  ['ES256', () => generateKeyPairSync('ec', { namedCurve: 'P-256' })]
+] as const) {
+  t.test(`${algorithm} with a public key file: tokens minted elsewhere pass, confusion does not`, async (t) => {
+    const { privateKey, publicKey } = pair()
+    const publicPem = publicKey.export({ type: 'spki', format: 'pem' }) as string
+    const gateway = await startGateway(t, { JWT_ALGORITHM: algorithm, JWT_PUBLIC_KEY_FILE: await keyFile(t, publicPem) })
+    const sign = createSigner({ key: privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, algorithm, expiresIn: 60_000 })
+
+    await t.test('HS256 signed with the public key as secret', async (t) =>
+      refused(t, gateway, createSigner({ key: publicPem, algorithm: 'HS256', expiresIn: 60_000 })(ALL), 401))
+    await t.test('HS256 signed with JWT_SECRET', async (t) =>
+      refused(t, gateway, createSigner({ key: JWT_SECRET, algorithm: 'HS256', expiresIn: 60_000 })(ALL), 401))
+    await t.test('alg none', async (t) => refused(t, gateway, unsignedToken({ ...ALL, exp: epoch(60) }), 401))
+    await t.test('another key pair', async (t) => {
+      const other = pair().privateKey.export({ type: 'pkcs8', format: 'pem' }) as string
+      await refused(t, gateway, createSigner({ key: other, algorithm, expiresIn: 60_000 })(ALL), 401)
+    })
+    await t.test('expired', async (t) => refused(t, gateway, createSigner({ key: privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, algorithm })({ ...ALL, exp: epoch(-5) }), 401, /expired/))
+    await t.test('signed by the private key', async (t) => accepted(t, gateway, sign(ALL)))
+    t.throws(() => gateway.app.jwt.sign(ALL), 'the gateway cannot mint tokens: it has no private key')
+  })
+}
+
+t.test('the auth plugin refuses an HS256 secret shorter than 32 bytes, and RS256 without a key', async (t) => {
+  // A stand-in for @fastify/postgres, which the plugin declares it needs:
+  // the options are refused before any database is used.
+  const postgres = fp(async () => {}, { name: '@fastify/postgres' })
+  const app = Fastify()
+  t.teardown(() => app.close())
+  await app.register(postgres)
+  await t.rejects(async () => {
+    await app.register(authPlugin, { secret: 'x'.repeat(31), publicChannels: new ChannelPatterns([]) })
+    await app.ready()
+  }, /at least 32 bytes/)
+  const rs = Fastify()
+  t.teardown(() => rs.close())
+  await rs.register(postgres)
+  await t.rejects(async () => {
+    await rs.register(authPlugin, { algorithm: 'RS256', secret: JWT_SECRET, publicChannels: new ChannelPatterns([]) })
+    await rs.ready()
+  }, /public key/)
+})
+
+t.test('every channel of a stream and of a batch is checked', async (t) => {
+  const gateway = await startGateway(t, { PUBLIC_CHANNELS: 'public.*' })
+  const subscribeOrders = gateway.token({ subscribe: ['orders.*'] })
+  await errorJson(t, await fetch(streamUrl(gateway.baseUrl, ['orders.eu', 'ordersX']), { headers: { authorization: `Bearer ${subscribeOrders}` } }), 403)
+  await errorJson(t, await fetch(streamUrl(gateway.baseUrl, ['public.a', 'orders.eu', 'chat']), { headers: { authorization: `Bearer ${subscribeOrders}` } }), 403)
+  const ok = await openStream(t, streamUrl(gateway.baseUrl, ['public.a', 'orders.eu']), { authorization: `Bearer ${subscribeOrders}` })
+  t.equal(ok.response.status, 200, 'a public channel and a covered one')
+
+  const batch = async (token: string, channels: string[]): Promise<Response> => await fetch(`${gateway.baseUrl}/events`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', authorization: `Bearer ${token}` },
+    body: JSON.stringify({ events: channels.map((channel) => ({ channel, data: 'x' })) })
+  })
+  await errorJson(t, await batch(subscribeOrders, ['orders.eu']), 403)
+  await errorJson(t, await batch(gateway.token({ publish: ['orders.*'] }), ['orders.eu', 'orders.us', 'public.a']), 403)
+  await errorJson(t, await batch(gateway.token({ publish: ['orders.eu'] }), ['orders.eu', 'orders.eu2']), 403)
+  t.equal((await batch(gateway.token({ publish: ['orders.*'] }), ['orders.eu', 'orders.us'])).status, 201)
+})
+
+t.test('a stream ends when its token expires, with a gateway/expired event', async (t) => {
+  const gateway = await startGateway(t)
+  const token = createSigner({ key: JWT_SECRET })({ subscribe: ['*'], exp: epoch(3) })
+  const stream = await openStream(t, streamUrl(gateway.baseUrl, ['short']), { authorization: `Bearer ${token}` })
+  t.equal(stream.response.status, 200)
+  const post = await fetch(`${gateway.baseUrl}/channels/short`, { method: 'POST', headers: { 'content-type': 'text/plain', ...bearerAll(gateway) }, body: 'while valid' })
+  t.equal(post.status, 201)
+  await within(stream.until(() => stream.ended, 'the end of the stream'), 'the stream to end at expiry', 10_000)
+  t.same(stream.events.map((e) => e.data), ['while valid'], 'the stream was live until then')
+  t.same(stream.control.map((e) => e.event), ['gateway/open', 'gateway/expired'], 'the client is told why')
+  const again = await fetch(streamUrl(gateway.baseUrl, ['short']), { headers: { authorization: `Bearer ${token}` } })
+  await errorJson(t, again, 401)
+
+  const long = await openStream(t, streamUrl(gateway.baseUrl, ['long']), { authorization: `Bearer ${gateway.token({ subscribe: ['*'] }, { expiresIn: '30d' })}` })
+  t.equal(long.response.status, 200, 'an expiry beyond the longest timer (24.8 days) is fine')
+  await stillServing(t, gateway)
+  t.notOk(long.ended, 'and that stream is still open')
+})
+
+t.test('a token in an HttpOnly cookie: streams, and publishes from allowed origins only', async (t) => {
+  const gateway = await startGateway(t, { TOKEN_COOKIE: 'gw_session', CORS_ORIGINS: 'https://app.example.com' })
+  const cookie = `gw_session=${gateway.token(ALL)}`
+  const stream = await openStream(t, streamUrl(gateway.baseUrl, ['cookied']), { cookie })
+  t.equal(stream.response.status, 200, 'a stream opens with the cookie')
+  await errorJson(t, await fetch(streamUrl(gateway.baseUrl, ['cookied']), { headers: { cookie: 'other=1' } }), 401)
+
+  const post = async (headers: Record<string, string>, body: string): Promise<Response> =>
+    await fetch(`${gateway.baseUrl}/channels/cookied`, { method: 'POST', headers: { 'content-type': 'text/plain', cookie, ...headers }, body })
+  await errorJson(t, await post({}, 'no origin'), 403)
+  await errorJson(t, await post({ origin: 'https://evil.example.com' }, 'cross-site'), 403)
+  await errorJson(t, await post({ origin: 'null' }, 'opaque origin'), 403)
+  await errorJson(t, await post({ origin: 'https://app.example.com.evil.com' }, 'look-alike'), 403)
+  const ticket = await fetch(`${gateway.baseUrl}/tickets`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', cookie, origin: 'https://evil.example.com' },
+    body: JSON.stringify({ channels: ['cookied'] })
+  })
+  await errorJson(t, ticket, 403)
+  t.equal((await post({ origin: 'https://app.example.com' }, 'listed origin')).status, 201)
+  t.equal((await post({ origin: gateway.baseUrl }, 'same origin')).status, 201)
+  t.equal((await post({ origin: 'https://evil.example.com', authorization: `Bearer ${gateway.token(ALL)}` }, 'bearer')).status, 201,
+    'a bearer token is no CSRF risk: a page cannot make a browser send it')
+  const events = await within(stream.take(3), '3 events')
+  t.same(events.map((e) => e.data), ['listed origin', 'same origin', 'bearer'], 'only the allowed publishes were published')
+})

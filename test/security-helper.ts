@@ -1,0 +1,70 @@
+import { connect as netConnect } from 'node:net'
+import type t from 'tap'
+import { openStream, streamUrl, type TestGateway, within } from './helper.js'
+
+// A subtest's `t`.
+export type Test = Parameters<Parameters<typeof t.test>[0]>[0]
+
+/** Checks a JSON error answer: its status and a {statusCode, error, message} body. */
+export async function errorJson (t: Test, res: Response, statusCode: number): Promise<Record<string, unknown>> {
+  t.equal(res.status, statusCode, `answers ${statusCode}`)
+  t.match(res.headers.get('content-type'), /^application\/json/)
+  const body = await res.json() as Record<string, unknown>
+  t.same(Object.keys(body).sort(), ['error', 'message', 'statusCode'], 'error body is {statusCode, error, message}')
+  t.match(body, { statusCode, error: /./, message: /./ })
+  return body
+}
+
+/**
+ * After hostile requests: the gateway is still ready, and a stream opened
+ * now gets an event published now.
+ */
+export async function stillServing (t: Test, gateway: TestGateway, channel = 'still.serving'): Promise<void> {
+  const ready = await fetch(`${gateway.baseUrl}/readyz`)
+  t.equal(ready.status, 200, 'the gateway is still ready')
+  const stream = await openStream(t, streamUrl(gateway.baseUrl, [channel]), { authorization: `Bearer ${gateway.token({ subscribe: ['*'] })}` })
+  t.equal(stream.response.status, 200, 'a stream still opens')
+  const res = await fetch(`${gateway.baseUrl}/channels/${channel}`, {
+    method: 'POST',
+    headers: { 'content-type': 'text/plain', authorization: `Bearer ${gateway.token({ publish: ['*'] })}` },
+    body: 'still delivering'
+  })
+  t.equal(res.status, 201, 'a publish still succeeds')
+  const [event] = await within(stream.take(1), 'the event after the hostile requests')
+  t.equal(event?.data, 'still delivering', 'and is still delivered')
+  stream.close()
+  await stream.done
+}
+
+/**
+ * Writes raw bytes to the gateway's socket and resolves with all it answers
+ * until it closes the connection (or `ms` pass: then what arrived so far).
+ */
+export async function rawExchange (baseUrl: string, bytes: string | Buffer, ms = 5000): Promise<string> {
+  const { hostname, port } = new URL(baseUrl)
+  return await new Promise((resolve, reject) => {
+    const socket = netConnect({ host: hostname, port: Number(port) })
+    const chunks: Buffer[] = []
+    const timer = setTimeout(() => socket.destroy(), ms)
+    socket.on('data', (chunk) => chunks.push(chunk))
+    socket.on('error', (err: NodeJS.ErrnoException) => {
+      // The server may reset after answering: what it answered is what counts.
+      if (err.code !== 'ECONNRESET' && err.code !== 'EPIPE') reject(err)
+    })
+    socket.on('close', () => {
+      clearTimeout(timer)
+      resolve(Buffer.concat(chunks).toString('latin1'))
+    })
+    socket.write(bytes)
+  })
+}
+
+const base64url = (value: unknown): string => Buffer.from(JSON.stringify(value)).toString('base64url')
+
+/** An unsigned token (`alg: none`) with the claims. */
+export function unsignedToken (claims: Record<string, unknown>): string {
+  return `${base64url({ alg: 'none', typ: 'JWT' })}.${base64url(claims)}.`
+}
+
+/** Seconds since the epoch, `offset` seconds from now. */
+export const epoch = (offset = 0): number => Math.floor(Date.now() / 1000) + offset
