@@ -1,5 +1,6 @@
 import fp from 'fastify-plugin'
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client'
+import { pollingLogLevel } from '../logging.js'
 
 export interface GatewayMetrics {
   registry: Registry
@@ -107,7 +108,7 @@ export default fp(async function metricsPlugin (app) {
     }
   })
 
-  app.get('/metrics', { logLevel: 'warn' }, async (_request, reply) => {
+  app.get('/metrics', { logLevel: pollingLogLevel(app) }, async (_request, reply) => {
     reply.type(registry.contentType)
     return registry.metrics()
   })

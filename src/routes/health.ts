@@ -1,9 +1,12 @@
 import type { FastifyInstance } from 'fastify'
+import { pollingLogLevel } from '../logging.js'
 
 export default async function healthRoutes (app: FastifyInstance): Promise<void> {
-  app.get('/healthz', { logLevel: 'warn' }, async () => ({ status: 'ok' }))
+  // The process is up even when it sheds load: a liveness probe that
+  // restarted an overloaded gateway would only make matters worse.
+  app.get('/healthz', { logLevel: pollingLogLevel(app), config: { pressureHandler: () => undefined } }, async () => ({ status: 'ok' }))
 
-  app.get('/readyz', { logLevel: 'warn' }, async (_request, reply) => {
+  app.get('/readyz', { logLevel: pollingLogLevel(app) }, async (_request, reply) => {
     const listener = app.listener.connected
     let database = false
     try {

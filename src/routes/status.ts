@@ -2,6 +2,8 @@ import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { GatewayConfig } from '../config.js'
 import { ForbiddenError, UnauthorizedError, UnavailableError } from '../errors.js'
 import { type LogBounds, readLogBounds } from '../event-log.js'
+import type { GatewayClaims } from '../plugins/auth.js'
+import { pollingLogLevel } from '../logging.js'
 
 export interface StatusRoutesOptions {
   config: GatewayConfig
@@ -13,9 +15,9 @@ export interface StatusRoutesOptions {
  * subscriber should learn.
  */
 async function authorizeOperator (request: FastifyRequest): Promise<void> {
-  let claims: { admin?: unknown }
+  let claims: GatewayClaims
   try {
-    claims = await request.jwtVerify<{ admin?: unknown }>()
+    claims = await request.jwtVerify<GatewayClaims>()
   } catch (err) {
     const code = (err as { code?: string }).code
     const missing = code === 'FST_JWT_NO_AUTHORIZATION_IN_HEADER' || code === 'FST_JWT_NO_AUTHORIZATION_IN_COOKIE'
@@ -27,7 +29,7 @@ async function authorizeOperator (request: FastifyRequest): Promise<void> {
 export default async function statusRoutes (app: FastifyInstance, { config }: StatusRoutesOptions): Promise<void> {
   const startedAt = new Date()
 
-  app.get('/status', { logLevel: 'warn' }, async (request) => {
+  app.get('/status', { logLevel: pollingLogLevel(app) }, async (request) => {
     await authorizeOperator(request)
     let log: LogBounds
     try {

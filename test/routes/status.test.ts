@@ -10,7 +10,7 @@ interface Status {
 
 t.test('GET /status shows the listener, each channel with its subscribers and last event, and the log', async (t) => {
   const gateway = await startGateway(t, { RETENTION_MAX_EVENTS: '500' })
-  const admin = { authorization: `Bearer ${gateway.token({ admin: true } as never)}` }
+  const admin = { authorization: `Bearer ${gateway.token({ admin: true })}` }
   const a = await openStream(t, streamUrl(gateway.baseUrl, ['orders', 'chat']), subscriber(gateway))
   await openStream(t, streamUrl(gateway.baseUrl, ['orders']), subscriber(gateway))
   const before = Date.now()
@@ -38,7 +38,7 @@ t.test('GET /status counts listener reconnects', async (t) => {
   const reconnected = new Promise((resolve) => gateway.app.listener.once('connected', resolve))
   await db.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pg-sse-gateway:listener' AND datname = current_database()")
   await reconnected
-  const status = await (await fetch(`${gateway.baseUrl}/status`, { headers: { authorization: `Bearer ${gateway.token({ admin: true } as never)}` } })).json() as Status
+  const status = await (await fetch(`${gateway.baseUrl}/status`, { headers: { authorization: `Bearer ${gateway.token({ admin: true })}` } })).json() as Status
   t.match(status.listener, { state: 'live', reconnects: 1, channels: 1 })
 })
 
