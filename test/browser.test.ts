@@ -26,8 +26,14 @@ t.test('the demo page subscribes, shows live events and publishes from its form'
   const token = gateway.token({ subscribe: ['*'], publish: ['*'] })
   const browser = await launch(t)
   const page = await browser.newPage()
+  const streamUrls: string[] = []
+  page.on('request', (request) => { if (new URL(request.url()).pathname === '/events') streamUrls.push(request.url()) })
   await page.goto(`${gateway.baseUrl}/?channel=demo&access_token=${token}`)
   await page.waitForSelector('#state[data-state=open]')
+  t.notMatch(page.url(), token, 'the token is gone from the address bar')
+  t.equal(streamUrls.length, 1)
+  t.match(new URL(streamUrls[0] as string).searchParams.get('access_token'), /^tkt_/, 'the stream URL carries a single-use ticket')
+  t.notOk(streamUrls.some((url) => url.includes(token)), 'never the token')
 
   const response = await publish(gateway, 'demo', '{"hello":"browser"}', { contentType: 'application/json' })
   const { id } = await response.json() as { id: string }
