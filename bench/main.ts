@@ -1,0 +1,322 @@
+// `npm run bench`: Nchan and the gateway side by side, driven by one load
+// generator; prints a table (and writes bench/results/<time>.json).
+import { execFileSync } from 'node:child_process'
+import { connect } from 'node:net'
+import { existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs'
+import { cpus, totalmem } from 'node:os'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { parseArgs } from 'node:util'
+import pg from 'pg'
+import { now, quantile } from './histogram.js'
+import { type Delivery, openSubscribers, payload, Poster, publishEvents, sustain } from './load.js'
+import { type GatewayTarget, rssBytes, startGateway, startNchan, type Target } from './targets.js'
+
+const { values: args } = parseArgs({
+  options: {
+    streams: { type: 'string', default: '5000' },
+    events: { type: 'string', default: '1000' },
+    size: { type: 'string', default: '64' },
+    'idle-streams': { type: 'string', default: '10000' },
+    'publish-concurrency': { type: 'string', default: '16' },
+    'fan-out-batch': { type: 'string', default: '20' },
+    'subscriber-workers': { type: 'string', default: '2' },
+    'publish-seconds': { type: 'string', default: '5' },
+    'flood-mb': { type: 'string', default: '90' },
+    only: { type: 'string' },
+    profile: { type: 'boolean', default: false },
+    database: { type: 'string', default: process.env.DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres' }
+  }
+})
+
+const STREAMS = Number(args.streams)
+const EVENTS = Number(args.events)
+const SIZE = Number(args.size)
+const IDLE_STREAMS = Number(args['idle-streams'])
+const PUBLISH_CONCURRENCY = Number(args['publish-concurrency'])
+const FAN_OUT_BATCH = Number(args['fan-out-batch'])
+const WORKERS = Number(args['subscriber-workers'])
+const PUBLISH_SECONDS = Number(args['publish-seconds'])
+const FLOOD_BYTES = Number(args['flood-mb']) * 1024 * 1024
+const GATEWAY_PORT = 3917
+const NCHAN_PORT = 3918
+
+function log (line: string): void {
+  process.stderr.write(`${new Date().toISOString().slice(11, 19)} ${line}\n`)
+}
+
+interface FanOut {
+  streams: number
+  events: number
+  deliveries: number
+  expected: number
+  seconds: number
+  perSecond: number
+  p50: number
+  p99: number
+  publishErrors: string
+}
+
+interface Memory {
+  streams: number
+  opened: number
+  bytesPerStream: number
+}
+
+/** Idle streams: server RSS growth per stream. */
+async function measureMemory (target: Target, channel: string, streams: number): Promise<Memory> {
+  await sleep(500)
+  const before = rssBytes(target.pid)
+  const subs = await openSubscribers(target, target.subscribePath(channel), streams, WORKERS, 1)
+  await sleep(1000)
+  const after = rssBytes(target.pid)
+  const opened = streams - subs.failed
+  await subs.close()
+  log(`${target.name}: ${opened} idle streams, RSS ${(before / 2 ** 20).toFixed(1)} → ${(after / 2 ** 20).toFixed(1)} MiB`)
+  return { streams, opened, bytesPerStream: (after - before) / opened }
+}
+
+async function measureFanOut (target: Target, channel: string, batch = 1): Promise<FanOut> {
+  const subs = await openSubscribers(target, target.subscribePath(channel), STREAMS, WORKERS, EVENTS)
+  log(`${target.name}: ${STREAMS - subs.failed} streams open; publishing ${EVENTS} events, ${batch} per request`)
+  const delivered = subs.expect(EVENTS)
+  const published = await publishEvents(target, channel, EVENTS, SIZE, PUBLISH_CONCURRENCY, subs.sendTimes, batch)
+  log(`${target.name}: published in ${((now() - published.firstSentAt) / 1000).toFixed(2)} s`)
+  const delivery: Delivery = await Promise.race([
+    delivered,
+    sleep(120_000).then(() => { throw new Error(`${target.name}: not every event arrived within 120 s`) })
+  ])
+  await subs.close()
+  const deliveries = delivery.received.reduce((a, b) => a + b, 0)
+  const seconds = (delivery.lastReceiveAt - published.firstSentAt) / 1000
+  const result: FanOut = {
+    streams: STREAMS,
+    events: EVENTS,
+    deliveries,
+    expected: STREAMS * EVENTS,
+    seconds,
+    perSecond: deliveries / seconds,
+    p50: quantile(delivery.histogram, 0.5),
+    p99: quantile(delivery.histogram, 0.99),
+    publishErrors: [...published.errors].map(([s, n]) => `${n}×${s}`).join(', ')
+  }
+  log(`${target.name}: ${deliveries}/${result.expected} deliveries in ${seconds.toFixed(2)} s = ${(result.perSecond / 1e6).toFixed(3)} M/s, p50 ${result.p50.toFixed(1)} ms, p99 ${result.p99.toFixed(1)} ms${result.publishErrors === '' ? '' : `, publish errors ${result.publishErrors}`}`)
+  return result
+}
+
+interface Publish {
+  singlePerSecond: number
+  singleFailures: number
+  batchEventsPerSecond: number
+  batchFailures: number
+  pgbenchPerSecond: number
+  pgbenchPublishPerSecond: number
+  pgbenchPublishAsyncPerSecond: number
+}
+
+/** pgbench from the PATH, or from Debian's PostgreSQL server packages. */
+function pgbenchPath (): string {
+  try {
+    execFileSync('pgbench', ['--version'], { stdio: 'ignore' })
+    return 'pgbench'
+  } catch {}
+  const dir = '/usr/lib/postgresql'
+  const versions = existsSync(dir) ? readdirSync(dir).sort((a, b) => Number(b) - Number(a)) : []
+  for (const v of versions) if (existsSync(`${dir}/${v}/bin/pgbench`)) return `${dir}/${v}/bin/pgbench`
+  throw new Error('pgbench not found: install postgresql-client (or the PostgreSQL server package)')
+}
+
+async function measurePublish (gateway: GatewayTarget): Promise<Publish> {
+  const pgbench = pgbenchPath()
+  const body = payload(0, SIZE)
+  const single = await sustain(gateway.host, gateway.port, PUBLISH_SECONDS, 16, () => ({ ...gateway.publishRequest('bench_pub'), body }))
+  log(`gateway: single-event POSTs ${single.perSecond.toFixed(0)}/s${single.failures > 0 ? `, ${single.failures} failed: ${single.firstFailure ?? ''}` : ''}`)
+  const batch = JSON.stringify({ events: Array.from({ length: 100 }, (_, i) => ({ channel: 'bench_pub', data: payload(i, SIZE) })) })
+  const batches = await sustain(gateway.host, gateway.port, PUBLISH_SECONDS, 16, () => ({
+    path: '/events',
+    headers: { 'content-type': 'application/json', authorization: `Bearer ${gateway.token}` },
+    body: batch
+  }))
+  log(`gateway: batch POSTs of 100 ${(batches.perSecond * 100).toFixed(0)} events/s${batches.failures > 0 ? `, ${batches.failures} failed: ${batches.firstFailure ?? ''}` : ''}`)
+  // The same NOTIFY, as raw as it gets: one statement per transaction.
+  const script = '/tmp/pgsse-bench-notify.sql'
+  writeFileSync(script, `SELECT pg_notify('bench_pub', '${body}');\n`)
+  const out = execFileSync(pgbench, ['-n', '-f', script, '-c', '16', '-j', '2', '-T', String(PUBLISH_SECONDS), gateway.databaseUrl], { stdio: ['ignore', 'pipe', 'pipe'] }).toString()
+  const tps = Number(/tps = ([0-9.]+)/.exec(out)?.[1] ?? NaN)
+  log(`pgbench: SELECT pg_notify(...) ${tps.toFixed(0)} tps`)
+  // What bounds the gateway's publishes: the log's own function, alone, and
+  // without waiting for the WAL flush (which it does holding the log's lock).
+  writeFileSync(script, `SELECT sse_gateway.publish('bench_pub', '${body}');\n`)
+  const pgbenchPublish = (env: NodeJS.ProcessEnv): number => Number(/tps = ([0-9.]+)/.exec(execFileSync(pgbench, ['-n', '-f', script, '-c', '16', '-j', '2', '-T', String(PUBLISH_SECONDS), gateway.databaseUrl], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } }).toString())?.[1] ?? NaN)
+  const logTps = pgbenchPublish({})
+  const logTpsAsync = pgbenchPublish({ PGOPTIONS: '-c synchronous_commit=off' })
+  log(`pgbench: SELECT sse_gateway.publish(...) ${logTps.toFixed(0)} tps; with synchronous_commit=off ${logTpsAsync.toFixed(0)} tps`)
+  return {
+    singlePerSecond: single.perSecond,
+    singleFailures: single.failures,
+    batchEventsPerSecond: batches.perSecond * 100,
+    batchFailures: batches.failures,
+    pgbenchPerSecond: tps,
+    pgbenchPublishPerSecond: logTps,
+    pgbenchPublishAsyncPerSecond: logTpsAsync
+  }
+}
+
+interface Flood {
+  megabytes: number
+  events: number
+  rssGrowthMiB: number
+  othersComplete: boolean
+  stalledCutOff: boolean
+  resumedComplete: boolean
+}
+
+/**
+ * One client stops reading while `FLOOD_BYTES` of events go to it and to 20
+ * others: the stalled one is cut off, the others get everything, the
+ * process stays bounded, and the stalled client resumes by id.
+ */
+async function measureFlood (gateway: GatewayTarget): Promise<Flood> {
+  const eventSize = 7000
+  const perBatch = 100
+  const batches = Math.ceil(FLOOD_BYTES / (eventSize * perBatch))
+  const events = batches * perBatch
+  const db = new pg.Client({ connectionString: gateway.databaseUrl })
+  await db.connect()
+  const { rows } = await db.query<{ head: string }>('SELECT last_id::text AS head FROM sse_gateway.log_head')
+  await db.end()
+  const head = rows[0]?.head ?? '0'
+  const others = await openSubscribers(gateway, gateway.subscribePath('flood'), 20, 1, events)
+  // The stalled client: sends its request, then never reads.
+  const stalled = connect({ host: '127.0.0.1', port: gateway.port })
+  stalled.write(`GET /events?channel=flood HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${gateway.token}\r\n\r\n`)
+  await new Promise((resolve) => stalled.once('data', resolve))
+  stalled.pause()
+  stalled.on('error', () => {})
+  await sleep(500)
+  const cutOffBefore = await cutOffCount(gateway)
+  const before = rssBytes(gateway.pid)
+  let peak = before
+  const sampler = setInterval(() => { peak = Math.max(peak, rssBytes(gateway.pid)) }, 20)
+  const done = others.expect(events)
+  const poster = new Poster(gateway.host, gateway.port, 1)
+  const headers = { 'content-type': 'application/json', authorization: `Bearer ${gateway.token}` }
+  for (let b = 0; b < batches; b++) {
+    const body = JSON.stringify({ events: Array.from({ length: perBatch }, (_, i) => ({ channel: 'flood', data: payload(b * perBatch + i + 1, eventSize) })) })
+    const res = await poster.post('/events', headers, body)
+    if (res.status !== 201) throw new Error(`flood batch answered ${res.status}: ${res.body.slice(0, 200)}`)
+  }
+  poster.close()
+  const delivery = await Promise.race([done, sleep(120_000).then(() => null)])
+  clearInterval(sampler)
+  await others.close()
+  const cutOff = await cutOffCount(gateway) - cutOffBefore
+  stalled.destroy()
+  // The stalled client comes back with the id it started from: everything is replayed.
+  const resumed = await openSubscribers(gateway, `${gateway.subscribePath('flood')}&lastEventId=${head}`, 1, 1, events)
+  const replay = await Promise.race([resumed.expect(events), sleep(60_000).then(() => null)])
+  await resumed.close()
+  const result = {
+    megabytes: events * eventSize / 2 ** 20,
+    events,
+    rssGrowthMiB: (peak - before) / 2 ** 20,
+    othersComplete: delivery !== null && delivery.received.every((n) => n === events),
+    stalledCutOff: cutOff === 1,
+    resumedComplete: replay !== null && replay.received[0] === events
+  }
+  log(`gateway flood: ${result.megabytes.toFixed(0)} MiB in ${events} events; RSS growth ${result.rssGrowthMiB.toFixed(1)} MiB; others complete ${result.othersComplete}; stalled cut off ${result.stalledCutOff}; resumed complete ${result.resumedComplete}`)
+  return result
+}
+
+async function cutOffCount (gateway: GatewayTarget): Promise<number> {
+  return Number(/^pgsse_streams_cut_off_total (\d+)/m.exec(await gateway.metrics())?.[1] ?? 0)
+}
+
+interface Results {
+  machine: string
+  command: string
+  nchan?: { memory: Memory, fanOut: FanOut }
+  gateway?: { memory: Memory, fanOut: FanOut, fanOutBatched: FanOut, publish: Publish, flood: Flood }
+}
+
+async function main (): Promise<void> {
+  const results: Results = {
+    machine: `${cpus().length} × ${cpus()[0]?.model ?? '?'}, ${(totalmem() / 2 ** 30).toFixed(1)} GiB, Node ${process.version}`,
+    command: ['npm run bench', ...(process.argv.length > 2 ? ['--', ...process.argv.slice(2)] : [])].join(' ')
+  }
+  if (args.only !== 'gateway') {
+    const nchan = await startNchan({ port: NCHAN_PORT, log })
+    try {
+      const memory = await measureMemory(nchan, 'idle', IDLE_STREAMS)
+      const fanOut = await measureFanOut(nchan, 'fan')
+      results.nchan = { memory, fanOut }
+    } finally {
+      await nchan.stop()
+    }
+  }
+  if (args.only !== 'nchan') {
+    const nodeArgs = args.profile ? ['--cpu-prof', '--cpu-prof-dir=bench/profiles'] : []
+    const gateway = await startGateway({ adminUrl: args.database, port: GATEWAY_PORT, nodeArgs, log })
+    try {
+      const memory = await measureMemory(gateway, 'idle', IDLE_STREAMS)
+      const fanOut = await measureFanOut(gateway, 'fan')
+      const fanOutBatched = await measureFanOut(gateway, 'fan2', FAN_OUT_BATCH)
+      const publish = await measurePublish(gateway)
+      const flood = await measureFlood(gateway)
+      results.gateway = { memory, fanOut, fanOutBatched, publish, flood }
+    } finally {
+      await gateway.stop()
+    }
+  }
+  mkdirSync('bench/results', { recursive: true })
+  const file = `bench/results/${new Date().toISOString().replace(/[:.]/g, '-')}.json`
+  writeFileSync(file, JSON.stringify(results, null, 2) + '\n')
+  process.stdout.write(table(results) + `\n(${file})\n`)
+}
+
+function table ({ machine, command, nchan, gateway }: Results): string {
+  const m = (n: number | undefined, d = 2): string => n === undefined || Number.isNaN(n) ? '—' : (n / 1e6).toFixed(d)
+  const ms = (n: number | undefined): string => n === undefined || Number.isNaN(n) ? '—' : n.toFixed(1)
+  const kb = (n: number | undefined): string => n === undefined || Number.isNaN(n) ? '—' : (n / 1024).toFixed(1)
+  const x = (a: number | undefined, b: number | undefined): string => a === undefined || b === undefined ? '—' : `${(a / b).toFixed(2)}×`
+  const gf = gateway?.fanOut
+  const nf = nchan?.fanOut
+  const rows: string[][] = [
+    ['figure', 'Nchan', 'gateway', 'gateway / Nchan', 'target'],
+    [`fan-out, ${STREAMS} streams × ${EVENTS} events, 1 per POST, ${PUBLISH_CONCURRENCY} in flight: deliveries/s (M)`, m(nf?.perSecond), m(gf?.perSecond), x(gf?.perSecond, nf?.perSecond), '≥ 2.5×'],
+    ['  every event delivered', nf === undefined ? '—' : `${nf.deliveries}/${nf.expected}`, gf === undefined ? '—' : `${gf.deliveries}/${gf.expected}`, '', 'all'],
+    ['  latency p50 (ms)', ms(nf?.p50), ms(gf?.p50), x(gf?.p50, nf?.p50), ''],
+    ['  latency p99 (ms)', ms(nf?.p99), ms(gf?.p99), x(gf?.p99, nf?.p99), '≤ 1×'],
+    [`  gateway, the same events published ${FAN_OUT_BATCH} per POST /events: deliveries/s (M)`, '', m(gateway?.fanOutBatched.perSecond), x(gateway?.fanOutBatched.perSecond, nf?.perSecond), ''],
+    ['    every event delivered / p50 / p99 (ms)', '', gateway === undefined ? '—' : `${gateway.fanOutBatched.deliveries}/${gateway.fanOutBatched.expected} / ${ms(gateway.fanOutBatched.p50)} / ${ms(gateway.fanOutBatched.p99)}`, '', ''],
+    [`memory per idle stream, ${IDLE_STREAMS} streams (KiB)`, kb(nchan?.memory.bytesPerStream), kb(gateway?.memory.bytesPerStream), x(gateway?.memory.bytesPerStream, nchan?.memory.bytesPerStream), '≤ 8 KB'],
+    ['  streams held', nchan === undefined ? '—' : String(nchan.memory.opened), gateway === undefined ? '—' : String(gateway.memory.opened), '', `${IDLE_STREAMS}`]
+  ]
+  if (gateway !== undefined) {
+    const p = gateway.publish
+    const f = gateway.flood
+    rows.push(
+      ['pgbench SELECT pg_notify(...) tps', '', p.pgbenchPerSecond.toFixed(0), '', ''],
+      ['single-event POST /channels/:c per s', '', p.singlePerSecond.toFixed(0), `${(100 * p.singlePerSecond / p.pgbenchPerSecond).toFixed(0)}% of pgbench`, '≥ 60%'],
+      ['  bound: pgbench SELECT sse_gateway.publish(...) tps', '', p.pgbenchPublishPerSecond.toFixed(0), `${(100 * p.pgbenchPublishPerSecond / p.pgbenchPerSecond).toFixed(0)}% of pgbench`, ''],
+      ['  bound: the same, synchronous_commit=off', '', p.pgbenchPublishAsyncPerSecond.toFixed(0), `${(100 * p.pgbenchPublishAsyncPerSecond / p.pgbenchPerSecond).toFixed(0)}% of pgbench`, ''],
+      ['batch POST /events (100 per POST) events/s', '', p.batchEventsPerSecond.toFixed(0), '', '≥ 100,000'],
+      [`flood ${f.megabytes.toFixed(0)} MiB, 1 stalled + 20 readers: RSS growth (MiB)`, '', f.rssGrowthMiB.toFixed(1), '', '< 150'],
+      ['  readers got every event / stalled cut off / resumed whole', '', `${f.othersComplete ? 'yes' : 'NO'} / ${f.stalledCutOff ? 'yes' : 'NO'} / ${f.resumedComplete ? 'yes' : 'NO'}`, '', 'yes / yes / yes']
+    )
+  }
+  const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length))) ?? []
+  const line = (r: string[]): string => '| ' + r.map((c, i) => c.padEnd(widths[i] ?? 0)).join(' | ') + ' |'
+  return [
+    `machine: ${machine}`,
+    `command: ${command}`,
+    '',
+    line(rows[0] as string[]),
+    '| ' + widths.map((w) => '-'.repeat(w)).join(' | ') + ' |',
+    ...rows.slice(1).map(line)
+  ].join('\n')
+}
+
+main().catch((err: unknown) => {
+  process.stderr.write(`bench failed: ${(err as Error).stack ?? String(err)}\n`)
+  process.exit(1)
+})

@@ -1,0 +1,324 @@
+import { once } from 'node:events'
+import { createServer, type IncomingMessage, type ServerResponse } from 'node:http'
+import { connect, type AddressInfo, type Socket } from 'node:net'
+import t from 'tap'
+import { EVENT_STREAM_HEADERS, EventStream, type EventStreamOptions } from '../src/event-stream.js'
+import { encodeEvent } from '../src/sse.js'
+
+// A subtest's `t`.
+type Test = Parameters<Parameters<typeof t.test>[0]>[0]
+
+interface Served {
+  stream: EventStream
+  res: ServerResponse
+  /** Every chunk handed to res.write, in order. */
+  writes: Buffer[]
+  cutOff: () => number
+}
+
+/** A raw HTTP client: reads the response as bytes, or stops reading. */
+class RawClient {
+  readonly socket: Socket
+  #bytes: Buffer[] = []
+  #length = 0
+  /** The last bytes received, kept even when the rest is not. */
+  tail = ''
+  closed = false
+  /** False: count the bytes, keep only the tail (a client that reads a flood). */
+  keep = true
+
+  constructor (socket: Socket) {
+    this.socket = socket
+    socket.on('data', (chunk: Buffer) => {
+      if (this.keep) this.#bytes.push(chunk)
+      this.#length += chunk.length
+      this.tail = (this.tail + chunk.subarray(-256).toString('latin1')).slice(-256)
+    })
+    socket.on('close', () => { this.closed = true })
+    socket.on('error', () => {})
+  }
+
+  get length (): number {
+    return this.#length
+  }
+
+  /** The response body, de-chunked. */
+  get body (): string {
+    const raw = Buffer.concat(this.#bytes).toString('latin1')
+    let at = raw.indexOf('\r\n\r\n') + 4
+    let body = ''
+    for (;;) {
+      const eol = raw.indexOf('\r\n', at)
+      if (eol === -1) break
+      const size = parseInt(raw.slice(at, eol), 16)
+      if (Number.isNaN(size) || size === 0 || eol + 2 + size > raw.length) break
+      body += raw.slice(eol + 2, eol + 2 + size)
+      at = eol + 2 + size + 2
+    }
+    return Buffer.from(body, 'latin1').toString()
+  }
+}
+
+/** An HTTP server whose every request becomes an EventStream, closed when the test ends. */
+async function serve (t: Test, options: Partial<EventStreamOptions> = {}): Promise<{ open: () => Promise<[Served, RawClient]> }> {
+  const waiting: Array<(served: Served) => void> = []
+  const server = createServer((_req: IncomingMessage, res: ServerResponse) => {
+    let cutOffs = 0
+    const writes: Buffer[] = []
+    const write = res.write.bind(res) as (chunk: Buffer | string) => boolean
+    res.write = ((chunk: Buffer | string) => {
+      writes.push(Buffer.from(chunk))
+      return write(chunk)
+    }) as typeof res.write
+    const stream = new EventStream(res, {
+      maxBufferedBytes: 256 * 1024,
+      onCutOff: () => { cutOffs++ },
+      ...options
+    })
+    stream.open(EVENT_STREAM_HEADERS, 'retry: 1000\n\n')
+    writes.length = 0
+    waiting.shift()?.({ stream, res, writes, cutOff: () => cutOffs })
+  })
+  server.listen(0, '127.0.0.1')
+  await once(server, 'listening')
+  const sockets = new Set<Socket>()
+  t.teardown(async () => {
+    for (const s of sockets) s.destroy()
+    server.closeAllConnections()
+    server.close()
+    await once(server, 'close')
+  })
+  const { port } = server.address() as AddressInfo
+  return {
+    async open () {
+      const served = new Promise<Served>((resolve) => waiting.push(resolve))
+      const socket = connect({ port, host: '127.0.0.1' })
+      sockets.add(socket)
+      const client = new RawClient(socket)
+      socket.write('GET /events HTTP/1.1\r\nHost: test\r\n\r\n')
+      return [await served, client]
+    }
+  }
+}
+
+const turn = async (): Promise<void> => { await new Promise((resolve) => setImmediate(resolve)) }
+
+/** Waits, turn by turn, for a condition on state nothing announces; fails after 10 s. */
+async function until (condition: () => boolean, what: string): Promise<void> {
+  const deadline = Date.now() + 10_000
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
+    await new Promise((resolve) => setTimeout(resolve, 2))
+  }
+}
+
+const frame = (id: number, data = `event ${id}`): Buffer => Buffer.from(encodeEvent({ id: String(id), event: 'c', data }))
+
+t.test('the frames of one turn go out as one write, in order', async (t) => {
+  const { open } = await serve(t)
+  const [served, client] = await open()
+  served.stream.release()
+  const frames = Array.from({ length: 500 }, (_, i) => frame(i + 1))
+  for (const [i, f] of frames.entries()) served.stream.write(f, i + 1)
+  t.equal(served.writes.length, 0, 'nothing written while the turn runs')
+  const expected = Buffer.concat(frames).toString()
+  await until(() => client.body.length >= expected.length + 'retry: 1000\n\n'.length, 'the frames')
+  t.equal(served.writes.length, 1, 'one write for the whole burst')
+  t.equal(client.body, 'retry: 1000\n\n' + expected, 'every frame, in order, unchanged')
+
+  // The next turn's frames are a write of their own, after the first.
+  served.stream.write(frame(501), 501)
+  served.stream.write(frame(502), 502)
+  await until(() => served.writes.length === 2, 'the second write')
+  t.equal(served.writes[1]?.toString(), frame(501).toString() + frame(502).toString())
+})
+
+t.test('the same Buffer may go to many streams, each keeping its own order', async (t) => {
+  const { open } = await serve(t)
+  const pairs = await Promise.all([open(), open(), open()])
+  for (const [served] of pairs) served.stream.release()
+  const shared = Array.from({ length: 100 }, (_, i) => frame(i + 1))
+  for (const [i, f] of shared.entries()) {
+    for (const [served] of pairs) served.stream.write(f, i + 1)
+    // Interleave turns: some frames go alone, some together.
+    if (i % 7 === 0) await turn()
+  }
+  const expected = 'retry: 1000\n\n' + Buffer.concat(shared).toString()
+  for (const [, client] of pairs) await until(() => client.body.length >= expected.length, 'the frames')
+  for (const [, client] of pairs) t.equal(client.body, expected)
+})
+
+t.test('ids only grow: an event at or below the last id is dropped', async (t) => {
+  const { open } = await serve(t)
+  const [served, client] = await open()
+  served.stream.startAfter(5)
+  served.stream.release()
+  for (const id of [3, 5, 6, 6, 4, 8, 7]) served.stream.write(frame(id), id)
+  served.stream.write(Buffer.from(': plain\n\n'))
+  const expected = 'retry: 1000\n\n' + frame(6).toString() + frame(8).toString() + ': plain\n\n'
+  await until(() => client.body.length >= expected.length, 'the frames')
+  t.equal(client.body, expected)
+})
+
+t.test('events held during set-up follow the replay, in order, without duplicates', async (t) => {
+  const { open } = await serve(t)
+  const [served, client] = await open()
+  served.stream.startAfter(1)
+  // Live events arrive while the replay reads the log: held.
+  served.stream.write(frame(3), 3)
+  served.stream.write(frame(4), 4)
+  t.equal(served.writes.length, 0, 'held, not written')
+  t.ok(served.stream.replay(frame(2), 2))
+  t.ok(served.stream.replay(frame(3), 3))
+  await served.stream.drained()
+  served.stream.release()
+  served.stream.write(frame(5), 5)
+  const expected = 'retry: 1000\n\n' + [2, 3, 4, 5].map((id) => frame(id).toString()).join('')
+  await until(() => client.body.length >= expected.length, 'the frames')
+  t.equal(client.body, expected, 'replayed 2 and 3, then the held 4 (3 dropped), then live 5')
+})
+
+t.test('end() writes what is queued, then ends the response', async (t) => {
+  const { open } = await serve(t)
+  const [served, client] = await open()
+  served.stream.release()
+  served.stream.write(frame(1), 1)
+  served.stream.write(frame(2), 2)
+  served.stream.end()
+  t.ok(served.stream.ended)
+  await until(() => client.closed || client.body.endsWith(frame(2).toString()), 'the end')
+  t.equal(client.body, 'retry: 1000\n\n' + frame(1).toString() + frame(2).toString())
+  served.stream.write(frame(3), 3)
+  await turn()
+  t.equal(served.writes.length, 1, 'nothing written after the end')
+})
+
+t.test('a client that stops reading is cut off at the bound; the others get every event', async (t) => {
+  const bound = 256 * 1024
+  const { open } = await serve(t, { maxBufferedBytes: bound })
+  const [stalled, stalledClient] = await open()
+  const readers = await Promise.all([open(), open()])
+  stalled.stream.release()
+  for (const [served] of readers) served.stream.release()
+  stalledClient.socket.pause()
+
+  const payload = 'x'.repeat(16 * 1024)
+  let id = 0
+  let peak = 0
+  // Publish until the stalled client is cut off; 64 MiB at most.
+  while (stalled.cutOff() === 0 && id < 4096) {
+    for (let i = 0; i < 16; i++) {
+      const f = frame(++id, payload)
+      stalled.stream.write(f, id)
+      for (const [served] of readers) served.stream.write(f, id)
+      peak = Math.max(peak, stalled.stream.unsentBytes)
+    }
+    await turn()
+  }
+  t.equal(stalled.cutOff(), 1, 'cut off, once')
+  t.ok(stalled.stream.ended, 'its response is destroyed')
+  t.ok(peak <= bound + frame(id, payload).length, `its unsent bytes never passed the bound by more than a frame (peak ${peak})`)
+  const after = stalled.writes.length
+  stalled.stream.write(frame(++id, payload), id)
+  for (const [served] of readers) served.stream.write(frame(id, payload), id)
+  await turn()
+  t.equal(stalled.writes.length, after, 'nothing more is written to it')
+  t.equal(stalled.stream.unsentBytes, 0, 'and nothing more is kept for it')
+
+  const expectedEvents = id
+  for (const [served, client] of readers) {
+    await until(() => client.body.split('\n\n').length - 2 >= expectedEvents, 'every event on the readers')
+    t.equal(served.cutOff(), 0, 'a reader is not cut off')
+    const ids = client.body.split('\n\n').filter((f) => f.startsWith('id: ')).map((f) => Number(f.slice(4, f.indexOf('\n'))))
+    t.same(ids, Array.from({ length: expectedEvents }, (_, i) => i + 1), 'every event, in order')
+  }
+})
+
+t.test('a slow reader within the bound waits for drain and loses nothing', async (t) => {
+  const { open } = await serve(t, { maxBufferedBytes: 64 * 1024 * 1024 })
+  const [served, client] = await open()
+  served.stream.release()
+  client.socket.pause()
+  const payload = 'y'.repeat(32 * 1024)
+  let id = 0
+  // Until the socket pushes back: write() said to wait.
+  while (served.res.writableLength === 0 && id < 2048) {
+    for (let i = 0; i < 8; i++) {
+      id++
+      served.stream.write(frame(id, payload), id)
+    }
+    await turn()
+  }
+  t.ok(served.res.writableNeedDrain, 'the response is waiting for the socket to drain')
+  const writesWhileBlocked = served.writes.length
+  for (let i = 0; i < 8; i++) {
+    id++
+    served.stream.write(frame(id, payload), id)
+  }
+  await turn()
+  t.equal(served.writes.length, writesWhileBlocked, 'no write while the socket has not drained')
+  client.socket.resume()
+  const last = id
+  await until(() => client.body.includes(`id: ${last}\n`), 'the last event')
+  t.equal(served.cutOff(), 0, 'not cut off')
+  const ids = client.body.split('\n\n').filter((f) => f.startsWith('id: ')).map((f) => Number(f.slice(4, f.indexOf('\n'))))
+  t.same(ids, [...new Set(ids)].sort((a, b) => a - b), 'in order, no duplicate')
+  t.equal(ids.at(-1), last)
+})
+
+t.test('live events held during a long set-up count toward the bound', async (t) => {
+  const { open } = await serve(t, { maxBufferedBytes: 64 * 1024 })
+  const [served] = await open()
+  const payload = 'z'.repeat(8 * 1024)
+  for (let id = 1; id <= 9; id++) served.stream.write(frame(id, payload), id)
+  t.equal(served.cutOff(), 1, 'cut off before the release')
+  t.equal(served.stream.unsentBytes, 0, 'and holds nothing')
+  served.stream.release()
+  t.equal(served.writes.length, 0, 'the release writes nothing')
+})
+
+t.test('a flood with a stalled client subscribed stays within the bound', async (t) => {
+  const bound = 1024 * 1024
+  const { open } = await serve(t, { maxBufferedBytes: bound })
+  const [stalled, stalledClient] = await open()
+  const [reader, readerClient] = await open()
+  readerClient.keep = false
+  stalled.stream.release()
+  reader.stream.release()
+  stalledClient.socket.pause()
+  // 90 MiB, as fast as the reader takes it: the test waits for the reader,
+  // never for the stalled client.
+  const size = 64 * 1024
+  const payload = 'f'.repeat(size - 32)
+  const events = Math.ceil(90 * 1024 * 1024 / size)
+  const before = process.memoryUsage().rss
+  let peakRss = before
+  let peakUnsent = 0
+  let id = 0
+  let bytes = 0
+  while (id < events) {
+    for (let i = 0; i < 16 && id < events; i++) {
+      id++
+      const f = frame(id, payload)
+      bytes += f.length
+      stalled.stream.write(f, id)
+      reader.stream.write(f, id)
+    }
+    peakUnsent = Math.max(peakUnsent, stalled.stream.unsentBytes)
+    await until(() => reader.stream.unsentBytes < 4 * size, 'the reader to keep up')
+    peakRss = Math.max(peakRss, process.memoryUsage().rss)
+  }
+  // A last, small event: the reader's tail shows it.
+  const last = ++id
+  const closing = frame(last, 'the end')
+  bytes += closing.length
+  stalled.stream.write(closing, last)
+  reader.stream.write(closing, last)
+  await until(() => readerClient.tail.includes(`id: ${last}\n`), 'the reader to get the last event')
+  t.equal(stalled.cutOff(), 1, 'the stalled client is cut off')
+  t.equal(reader.cutOff(), 0, 'the reader is not')
+  t.ok(peakUnsent <= bound + size, `the stalled client's unsent bytes stayed within the bound (peak ${peakUnsent})`)
+  t.ok(readerClient.length > bytes, 'the reader got every byte (and the chunk framing)')
+  const growth = (peakRss - before) / 2 ** 20
+  t.ok(growth < 150, `the process grew by less than 150 MiB (${growth.toFixed(1)} MiB)`)
+})
