@@ -17,7 +17,9 @@ export const GATEWAY_EVENTS = {
   /** The Last-Event-ID asked for is no longer (or not) in the log. */
   missed: 'gateway/missed',
   /** The listener was disconnected: plain NOTIFYs sent meanwhile are lost. */
-  gap: 'gateway/gap'
+  gap: 'gateway/gap',
+  /** The stream's token expired: the stream ends, the client reconnects with a fresh one. */
+  expired: 'gateway/expired'
 } as const
 
 export interface EventStreamOptions {
@@ -224,13 +226,16 @@ export class EventStream implements EventSink {
     })
   }
 
-  /** Ends the response after what is queued. */
-  end (): void {
+  /** Ends the response after what is queued; resolves once it is sent (or the client is gone). */
+  async end (): Promise<void> {
     if (this.ended) return
     this.#res.off('drain', this.#onDrain)
     this.#waitingForDrain = false
     this.flush()
-    this.#res.end()
+    await new Promise<void>((resolve) => {
+      this.#res.once('close', resolve)
+      this.#res.end(resolve)
+    })
   }
 
   readonly #onDrain = (): void => {

@@ -101,7 +101,9 @@ export default fp<GatewayPluginOptions>(async function gatewayPlugin (app, { con
   app.addHook('preClose', async () => {
     clearInterval(heartbeatTimer)
     clearInterval(retentionTimer)
-    for (const stream of streams) stream.end()
+    // Once their last chunk is out the connections are idle, and the
+    // server closes them at once instead of waiting for keep-alive to lapse.
+    await Promise.all([...streams].map(async (stream) => { await stream.end() }))
   })
   app.addHook('onClose', async () => {
     await listener.close()

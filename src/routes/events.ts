@@ -82,10 +82,10 @@ function endAtExpiry (stream: EventStream, exp: number): () => void {
       return
     }
     stream.write(Buffer.from(encodeEvent({
-      event: 'gateway/expired',
+      event: GATEWAY_EVENTS.expired,
       data: JSON.stringify({ reason: 'the token expired: reconnect with a fresh one' })
     })))
-    stream.end()
+    stream.end().catch(() => {})
   }
   arm()
   return () => clearTimeout(timer)
@@ -191,7 +191,7 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
       } catch (err) {
         // The client reconnects with the last id it got, and resumes.
         request.log.warn({ err: { message: (err as Error).message } }, 'replay failed; ending the stream')
-        stream.end()
+        stream.end().catch(() => {})
         return reply
       }
     }
