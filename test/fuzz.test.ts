@@ -1,6 +1,6 @@
 import t from 'tap'
-import { openStream, startGateway, streamUrl, type StreamClient, type TestGateway, within } from './helper.js'
-import { stillServing, type Test } from './security-helper.js'
+import { openStream, startGateway, type StreamClient, streamUrl, type Test, type TestGateway, within } from './helper.js'
+import { stillServing } from './security-helper.js'
 
 // Random channel names and payloads, from a seed printed with the results
 // (FUZZ_SEED=<n> replays a run): whatever is sent either arrives exactly as

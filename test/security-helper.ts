@@ -1,19 +1,5 @@
 import { connect as netConnect } from 'node:net'
-import type t from 'tap'
-import { openStream, streamUrl, type TestGateway, within } from './helper.js'
-
-// A subtest's `t`.
-export type Test = Parameters<Parameters<typeof t.test>[0]>[0]
-
-/** Checks a JSON error answer: its status and a {statusCode, error, message} body. */
-export async function errorJson (t: Test, res: Response, statusCode: number): Promise<Record<string, unknown>> {
-  t.equal(res.status, statusCode, `answers ${statusCode}`)
-  t.match(res.headers.get('content-type'), /^application\/json/)
-  const body = await res.json() as Record<string, unknown>
-  t.same(Object.keys(body).sort(), ['error', 'message', 'statusCode'], 'error body is {statusCode, error, message}')
-  t.match(body, { statusCode, error: /./, message: /./ })
-  return body
-}
+import { openStream, streamUrl, type Test, type TestGateway, within } from './helper.js'
 
 /**
  * After hostile requests: the gateway is still ready, and a stream opened

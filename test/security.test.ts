@@ -3,8 +3,8 @@ import { Writable } from 'node:stream'
 import t from 'tap'
 import { build, loggerOptions } from '../src/app.js'
 import { loadConfig } from '../src/config.js'
-import { connect, createDatabase, JWT_SECRET, openStream, publish, startGateway, streamUrl, type StreamClient, type TestGateway, waitFor, within } from './helper.js'
-import { errorJson, rawExchange, stillServing } from './security-helper.js'
+import { connect, createDatabase, errorBody, JWT_SECRET, openStream, publish, startGateway, type StreamClient, streamUrl, type TestGateway, waitFor, within } from './helper.js'
+import { rawExchange, stillServing } from './security-helper.js'
 
 const bearer = (gateway: TestGateway, claims = { subscribe: ['*'], publish: ['*'] }): Record<string, string> =>
   ({ authorization: `Bearer ${gateway.token(claims)}` })
@@ -78,19 +78,19 @@ t.test('CORS: only listed origins get CORS headers, with credentials', async (t)
 t.test('body size limits answer 413', async (t) => {
   const gateway = await startGateway(t, { MAX_PAYLOAD_BYTES: '100', MAX_BATCH_BYTES: '1024' })
   const headers = { ...bearer(gateway), 'content-type': 'text/plain' }
-  await errorJson(t, await fetch(`${gateway.baseUrl}/channels/x`, { method: 'POST', headers, body: 'x'.repeat(101) }), 413)
+  await errorBody(t, await fetch(`${gateway.baseUrl}/channels/x`, { method: 'POST', headers, body: 'x'.repeat(101) }), 413)
   t.equal((await fetch(`${gateway.baseUrl}/channels/x`, { method: 'POST', headers, body: 'x'.repeat(100) })).status, 201)
   const batch = JSON.stringify({ events: [{ channel: 'x', data: 'y'.repeat(1100) }] })
-  await errorJson(t, await fetch(`${gateway.baseUrl}/events`, { method: 'POST', headers: { ...headers, 'content-type': 'application/json' }, body: batch }), 413)
+  await errorBody(t, await fetch(`${gateway.baseUrl}/events`, { method: 'POST', headers: { ...headers, 'content-type': 'application/json' }, body: batch }), 413)
   const ticket = JSON.stringify({ channels: Array.from({ length: 2000 }, (_, i) => `channel.${i}`) })
-  await errorJson(t, await fetch(`${gateway.baseUrl}/tickets`, { method: 'POST', headers: { ...headers, 'content-type': 'application/json' }, body: ticket }), 413)
+  await errorBody(t, await fetch(`${gateway.baseUrl}/tickets`, { method: 'POST', headers: { ...headers, 'content-type': 'application/json' }, body: ticket }), 413)
   await stillServing(t, gateway)
 })
 
 t.test('channels per stream (default 32) and events per batch answer 400', async (t) => {
   const gateway = await startGateway(t, { MAX_BATCH_EVENTS: '3' })
   const channels = Array.from({ length: 33 }, (_, i) => `c${i}`)
-  const body = await errorJson(t, await fetch(streamUrl(gateway.baseUrl, channels), { headers: bearer(gateway) }), 400)
+  const body = await errorBody(t, await fetch(streamUrl(gateway.baseUrl, channels), { headers: bearer(gateway) }), 400)
   t.match(body.message, /at most 32 channels/)
   const stream = await openStream(t, streamUrl(gateway.baseUrl, channels.slice(0, 32)), bearer(gateway))
   t.equal(stream.response.status, 200, '32 channels are fine')
@@ -100,7 +100,7 @@ t.test('channels per stream (default 32) and events per batch answer 400', async
     headers: { ...bearer(gateway), 'content-type': 'application/json' },
     body: JSON.stringify({ events: Array.from({ length: n }, () => ({ channel: 'b', data: 'x' })) })
   })
-  t.match((await errorJson(t, await batch(4), 400)).message, /at most 3 events/)
+  t.match((await errorBody(t, await batch(4), 400)).message, /at most 3 events/)
   t.equal((await batch(3)).status, 201)
 })
 
@@ -111,17 +111,17 @@ t.test('streams per client address (429) and in total (503) on this instance', a
   const a1 = await openStream(t, url, from('10.0.0.1'))
   await openStream(t, url, from('10.0.0.1'))
   t.equal(a1.response.status, 200)
-  await errorJson(t, await fetch(url, { headers: from('10.0.0.1') }), 429)
+  await errorBody(t, await fetch(url, { headers: from('10.0.0.1') }), 429)
   const b1 = await openStream(t, url, from('10.0.0.2'))
   t.equal(b1.response.status, 200, 'another address has its own share')
-  await errorJson(t, await fetch(url, { headers: from('10.0.0.3') }), 503)
+  await errorBody(t, await fetch(url, { headers: from('10.0.0.3') }), 503)
   t.equal(gateway.app.streamLimits.total, 3)
 
   // Refused requests hold no slot.
-  await errorJson(t, await fetch(url, { headers: { 'x-forwarded-for': '10.0.0.1' } }), 429)
+  await errorBody(t, await fetch(url, { headers: { 'x-forwarded-for': '10.0.0.1' } }), 429)
   a1.close()
   await waitFor(() => gateway.app.streamLimits.total === 2, 'the closed stream to free its slot')
-  await errorJson(t, await fetch(url, { headers: { 'x-forwarded-for': '10.0.0.3' } }), 401)
+  await errorBody(t, await fetch(url, { headers: { 'x-forwarded-for': '10.0.0.3' } }), 401)
   t.equal(gateway.app.streamLimits.total, 2, 'a refused token gives its slot back')
   const c1 = await openStream(t, url, from('10.0.0.3'))
   t.equal(c1.response.status, 200, 'the freed slot is usable')
@@ -132,7 +132,7 @@ t.test('publish rate per token, or per address without one: 429', async (t) => {
   const token = gateway.token({ publish: ['*'] })
   for (let i = 0; i < 3; i++) t.equal((await publish(gateway, 'rate', `ok ${i}`, { token })).status, 201)
   const limited = await publish(gateway, 'rate', 'too many', { token })
-  const body = await errorJson(t, limited, 429)
+  const body = await errorBody(t, limited, 429)
   t.match(body.message, /at most 3/)
   t.ok(limited.headers.get('retry-after') !== null, 'Retry-After says when')
   const batch = await fetch(`${gateway.baseUrl}/events`, {
@@ -140,7 +140,7 @@ t.test('publish rate per token, or per address without one: 429', async (t) => {
     headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
     body: JSON.stringify({ events: [{ channel: 'rate', data: 'batch' }] })
   })
-  await errorJson(t, batch, 429)
+  await errorBody(t, batch, 429)
   t.pass('both publish routes share one budget')
   const other = gateway.token({ publish: ['*'], sub: 'other' })
   t.equal((await publish(gateway, 'rate', 'another token', { token: other })).status, 201, 'another token has its own budget')
@@ -152,7 +152,7 @@ t.test('publish rate per token, or per address without one: 429', async (t) => {
   t.equal(ticket.status, 201, 'tickets have a budget of their own')
   const anonymous = async (): Promise<Response> => await fetch(`${gateway.baseUrl}/channels/rate`, { method: 'POST', headers: { 'content-type': 'text/plain' }, body: 'x' })
   for (let i = 0; i < 3; i++) t.equal((await anonymous()).status, 401)
-  await errorJson(t, await anonymous(), 429)
+  await errorBody(t, await anonymous(), 429)
   const stream = await openStream(t, streamUrl(gateway.baseUrl, ['rate']), bearer(gateway))
   t.equal(stream.response.status, 200, 'streams are not rate-limited by publishing')
 })
@@ -164,9 +164,9 @@ t.test('header and URL sizes', async (t) => {
   t.equal(bigAnswer.status, 431)
   t.match(JSON.parse(bigAnswer.body), { statusCode: 431, error: /./, message: /./ })
   const longUrl = await fetch(`${gateway.baseUrl}/healthz?pad=${'p'.repeat(2000)}`)
-  await errorJson(t, longUrl, 414)
+  await errorBody(t, longUrl, 414)
   const channels = Array.from({ length: 200 }, (_, i) => `channel${i}`)
-  await errorJson(t, await fetch(streamUrl(gateway.baseUrl, channels), { headers: bearer(gateway) }), 414)
+  await errorBody(t, await fetch(streamUrl(gateway.baseUrl, channels), { headers: bearer(gateway) }), 414)
   await stillServing(t, gateway)
 })
 
@@ -174,10 +174,10 @@ t.test('errors are terse: no token, path, stack or SQL in them', async (t) => {
   const gateway = await startGateway(t)
   const token = gateway.token({ subscribe: ['*'] })
   const missing = await fetch(`${gateway.baseUrl}/no/such/path?access_token=${token}`)
-  const body = await errorJson(t, missing, 404)
+  const body = await errorBody(t, missing, 404)
   t.notMatch(JSON.stringify(body), token)
   t.notMatch(JSON.stringify(body), /no\/such/)
-  const bad = await errorJson(t, await fetch(streamUrl(gateway.baseUrl, ['a'], { access_token: `${token}x` })), 401)
+  const bad = await errorBody(t, await fetch(streamUrl(gateway.baseUrl, ['a'], { access_token: `${token}x` })), 401)
   t.notMatch(JSON.stringify(bad), token.slice(0, 30))
   for (const res of [
     await fetch(`${gateway.baseUrl}/events`, { method: 'POST', headers: { ...bearer(gateway), 'content-type': 'application/json' }, body: '{"events": [' }),
@@ -227,36 +227,36 @@ t.test('hostile input is refused cleanly and never stops delivery', async (t) =>
 
   await t.test('malformed JSON', async (t) => {
     for (const body of ['{', '{"events": [}', 'nul', '\u0000', '{"events": [{"channel": "a", "data": 1}]']) {
-      await errorJson(t, await post('/channels/a', 'application/json', body), 400)
-      await errorJson(t, await post('/events', 'application/json', body), 400)
+      await errorBody(t, await post('/channels/a', 'application/json', body), 400)
+      await errorBody(t, await post('/events', 'application/json', body), 400)
     }
-    await errorJson(t, await post('/events', 'application/json', '{"events": [{"channel": "a", "data": 1}], "__proto__": {"x": 1}}'), 400)
-    await errorJson(t, await post('/events', 'application/json', '{"events": "not a list"}'), 400)
-    await errorJson(t, await post('/events', 'application/json', '{"events": [{"channel": "a"}]}'), 400)
+    await errorBody(t, await post('/events', 'application/json', '{"events": [{"channel": "a", "data": 1}], "__proto__": {"x": 1}}'), 400)
+    await errorBody(t, await post('/events', 'application/json', '{"events": "not a list"}'), 400)
+    await errorBody(t, await post('/events', 'application/json', '{"events": [{"channel": "a"}]}'), 400)
     await mark()
   })
   await t.test('wrong content types and charsets', async (t) => {
-    await errorJson(t, await post('/channels/a', 'application/xml', '<x/>'), 415)
-    await errorJson(t, await post('/channels/a', 'multipart/form-data; boundary=x', '--x--'), 415)
-    await errorJson(t, await post('/events', 'text/plain', '{"events": []}'), 415)
-    await errorJson(t, await post('/channels/a', 'text/plain; charset=iso-8859-1', 'caf\u00e9'), 415)
-    await errorJson(t, await post('/channels/a', 'application/json; charset=utf-16', '"x"'), 415)
+    await errorBody(t, await post('/channels/a', 'application/xml', '<x/>'), 415)
+    await errorBody(t, await post('/channels/a', 'multipart/form-data; boundary=x', '--x--'), 415)
+    await errorBody(t, await post('/events', 'text/plain', '{"events": []}'), 415)
+    await errorBody(t, await post('/channels/a', 'text/plain; charset=iso-8859-1', 'caf\u00e9'), 415)
+    await errorBody(t, await post('/channels/a', 'application/json; charset=utf-16', '"x"'), 415)
     t.equal((await post('/channels/witness', 'text/plain; charset=UTF-8', `mark ${sent++}`)).status, 201, 'charset=utf-8 is fine')
     await mark()
   })
   await t.test('invalid UTF-8 and unpaired surrogates', async (t) => {
     const invalid = [Buffer.from([0xff, 0xfe, 0x41]), Buffer.from([0x61, 0xc3]), Buffer.from([0xed, 0xa0, 0x80]), Buffer.from([0xc0, 0xaf])]
     for (const bytes of invalid) {
-      await errorJson(t, await post('/channels/a', 'text/plain', bytes), 400)
-      await errorJson(t, await post('/channels/a', 'application/json', Buffer.concat([Buffer.from('"'), bytes, Buffer.from('"')])), 400)
-      await errorJson(t, await post('/events', 'application/json', Buffer.concat([Buffer.from('{"events":[{"channel":"a","data":"'), bytes, Buffer.from('"}]}')])), 400)
+      await errorBody(t, await post('/channels/a', 'text/plain', bytes), 400)
+      await errorBody(t, await post('/channels/a', 'application/json', Buffer.concat([Buffer.from('"'), bytes, Buffer.from('"')])), 400)
+      await errorBody(t, await post('/events', 'application/json', Buffer.concat([Buffer.from('{"events":[{"channel":"a","data":"'), bytes, Buffer.from('"}]}')])), 400)
     }
-    await errorJson(t, await post('/events', 'application/json', '{"events":[{"channel":"a","data":"x\\udfff"}]}'), 400)
+    await errorBody(t, await post('/events', 'application/json', '{"events":[{"channel":"a","data":"x\\udfff"}]}'), 400)
     await mark()
   })
   await t.test('weird headers', async (t) => {
     for (const id of ['-1', '1e3', '0x10', ' ', '9'.repeat(30)]) {
-      await errorJson(t, await fetch(streamUrl(gateway.baseUrl, ['a']), { headers: { ...auth, 'last-event-id': id } }), 400)
+      await errorBody(t, await fetch(streamUrl(gateway.baseUrl, ['a']), { headers: { ...auth, 'last-event-id': id } }), 400)
     }
     const answers = await Promise.all([
       'Authorization: Bearer \xff\xfe\x80\r\n',

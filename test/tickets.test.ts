@@ -3,7 +3,7 @@ import t from 'tap'
 import { migrate } from '../src/event-log.js'
 import { isTicket, issueTicket, redeemTicket, TICKET_PREFIX } from '../src/tickets.js'
 import { connect, createDatabase } from './helper.js'
-import type { Test } from './security-helper.js'
+import type { Test } from './helper.js'
 
 async function pool (t: Test): Promise<pg.Pool> {
   const url = await createDatabase(t)

@@ -5,8 +5,7 @@ import { createDecoder } from 'fast-jwt'
 import t from 'tap'
 import { loadConfig } from '../src/config.js'
 import { mintToken } from '../src/token.js'
-import { JWT_SECRET, openStream, startGateway, streamUrl, within } from './helper.js'
-import { errorJson } from './security-helper.js'
+import { errorBody, JWT_SECRET, openStream, startGateway, streamUrl, within } from './helper.js'
 
 const decode = createDecoder()
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
@@ -38,9 +37,9 @@ t.test('the gateway accepts what the command mints, with aud and iss', async (t)
   const res = await fetch(`${gateway.baseUrl}/channels/orders.eu`, { method: 'POST', headers: { authorization: `Bearer ${token}`, 'content-type': 'text/plain' }, body: 'minted' })
   t.equal(res.status, 201)
   t.equal((await within(stream.take(1), 'the event'))[0]?.data, 'minted')
-  await errorJson(t, await fetch(`${gateway.baseUrl}/channels/orders.us`, { method: 'POST', headers: { authorization: `Bearer ${token}`, 'content-type': 'text/plain' }, body: 'x' }), 403)
+  await errorBody(t, await fetch(`${gateway.baseUrl}/channels/orders.us`, { method: 'POST', headers: { authorization: `Bearer ${token}`, 'content-type': 'text/plain' }, body: 'x' }), 403)
   const wrongAudience = mintToken(config, { subscribe: ['*'], aud: 'another' })
-  await errorJson(t, await fetch(streamUrl(gateway.baseUrl, ['orders.eu']), { headers: { authorization: `Bearer ${wrongAudience}` } }), 401)
+  await errorBody(t, await fetch(streamUrl(gateway.baseUrl, ['orders.eu']), { headers: { authorization: `Bearer ${wrongAudience}` } }), 401)
 })
 
 t.test('npm run token: the command prints a token, or a message and exit code 1', async (t) => {

@@ -2,7 +2,7 @@ import { Type, type TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyInstance } from 'fastify'
 import type { GatewayConfig } from '../config.js'
 import { BadRequestError } from '../errors.js'
-import { checkChannelNames, checkPayload, decodeBody, publishAll } from './publishing.js'
+import { checkChannelNames, checkPayload, publishAll, utf8BodyParser } from './publishing.js'
 
 export interface ChannelsRoutesOptions {
   config: GatewayConfig
@@ -13,28 +13,15 @@ const ChannelParams = Type.Object({ channel: Type.String() })
 export default async function channelsRoutes (app: FastifyInstance, { config }: ChannelsRoutesOptions): Promise<void> {
   // The payload is the body as sent: JSON is checked, then kept as text.
   app.removeContentTypeParser(['application/json', 'text/plain'])
-  app.addContentTypeParser('application/json', { parseAs: 'buffer' }, (request, body, done) => {
-    let text: string
-    try {
-      text = decodeBody(request, body as Buffer)
-    } catch (err) {
-      done(err as Error, undefined)
-      return
-    }
+  app.addContentTypeParser('application/json', { parseAs: 'buffer' }, utf8BodyParser((_request, text, done) => {
     try {
       JSON.parse(text)
       done(null, text)
     } catch {
       done(new BadRequestError('the body is not valid JSON'), undefined)
     }
-  })
-  app.addContentTypeParser('text/plain', { parseAs: 'buffer' }, (request, body, done) => {
-    try {
-      done(null, decodeBody(request, body as Buffer))
-    } catch (err) {
-      done(err as Error, undefined)
-    }
-  })
+  }))
+  app.addContentTypeParser('text/plain', { parseAs: 'buffer' }, utf8BodyParser((_request, text, done) => done(null, text)))
 
   app.withTypeProvider<TypeBoxTypeProvider>().post('/channels/:channel', {
     bodyLimit: config.MAX_PAYLOAD_BYTES,

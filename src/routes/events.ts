@@ -6,7 +6,7 @@ import { BadRequestError, UnavailableError } from '../errors.js'
 import { EVENT_STREAM_HEADERS, EventStream, GATEWAY_EVENTS } from '../event-stream.js'
 import { type LogBounds, readLogBounds, readReplayPage } from '../event-log.js'
 import { encodeEvent, encodeRetry } from '../sse.js'
-import { checkChannelNames, decodeBody, publishAll, toPayload } from './publishing.js'
+import { checkChannelNames, publishAll, toPayload, utf8BodyParser } from './publishing.js'
 
 export interface EventsRoutesOptions {
   config: GatewayConfig
@@ -104,16 +104,7 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
   // then Fastify's parser (which refuses __proto__ and constructor keys).
   const parseJson = app.getDefaultJsonParser('error', 'error')
   app.removeContentTypeParser(['application/json', 'text/plain'])
-  app.addContentTypeParser('application/json', { parseAs: 'buffer' }, (request, body, done) => {
-    let text: string
-    try {
-      text = decodeBody(request, body as Buffer)
-    } catch (err) {
-      done(err as Error, undefined)
-      return
-    }
-    parseJson(request, text, done)
-  })
+  app.addContentTypeParser('application/json', { parseAs: 'buffer' }, utf8BodyParser(parseJson))
 
   // No HEAD: it would open a stream whose events nobody may send.
   routes.get('/events', { schema: { querystring: StreamQuery }, exposeHeadRoute: false }, async (request, reply) => {

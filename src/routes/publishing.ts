@@ -45,6 +45,26 @@ export function decodeBody (request: FastifyRequest, body: Buffer): string {
   }
 }
 
+// Fastify does not export the type of a content-type parser's callback.
+type ParsedBody = (err: Error | null, body?: unknown) => void
+
+/**
+ * A content-type parser (parseAs: 'buffer') that decodes the body with
+ * decodeBody and hands the text to `then`.
+ */
+export function utf8BodyParser (then: (request: FastifyRequest, text: string, done: ParsedBody) => void) {
+  return (request: FastifyRequest, body: string | Buffer, done: ParsedBody): void => {
+    let text: string
+    try {
+      text = decodeBody(request, body as Buffer)
+    } catch (err) {
+      done(err as Error, undefined)
+      return
+    }
+    then(request, text, done)
+  }
+}
+
 export function checkPayload (payload: string, maxBytes: number, what: string): void {
   if (Buffer.byteLength(payload) > maxBytes) {
     throw new PayloadTooLargeError(`${what} is larger than ${maxBytes} bytes`)

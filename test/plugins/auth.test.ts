@@ -8,8 +8,8 @@ import fp from 'fastify-plugin'
 import t from 'tap'
 import { ChannelPatterns } from '../../src/channel.js'
 import authPlugin from '../../src/plugins/auth.js'
-import { JWT_SECRET, openStream, startGateway, streamUrl, type TestGateway, within } from '../helper.js'
-import { epoch, errorJson, stillServing, type Test, unsignedToken } from '../security-helper.js'
+import { errorBody, JWT_SECRET, openStream, startGateway, streamUrl, type Test, type TestGateway, within } from '../helper.js'
+import { epoch, stillServing, unsignedToken } from '../security-helper.js'
 
 const ALL = { publish: ['*'], subscribe: ['*'] }
 const bearerAll = (gateway: TestGateway): Record<string, string> => ({ authorization: `Bearer ${gateway.token(ALL)}` })
@@ -17,7 +17,7 @@ const bearerAll = (gateway: TestGateway): Record<string, string> => ({ authoriza
 /** A GET /events and a POST /channels/:channel with `token`, both expected to answer `status`. */
 async function refused (t: Test, gateway: TestGateway, token: string, status: number, message?: RegExp): Promise<void> {
   const stream = await fetch(streamUrl(gateway.baseUrl, ['secret']), { headers: { authorization: `Bearer ${token}` } })
-  const body = await errorJson(t, stream, status)
+  const body = await errorBody(t, stream, status)
   if (message !== undefined) t.match(body.message, message)
   t.notMatch(JSON.stringify(body), token.slice(0, 20), 'the answer does not echo the token')
   const post = await fetch(`${gateway.baseUrl}/channels/secret`, {
@@ -25,7 +25,7 @@ async function refused (t: Test, gateway: TestGateway, token: string, status: nu
     headers: { 'content-type': 'text/plain', authorization: `Bearer ${token}` },
     body: 'x'
   })
-  await errorJson(t, post, status)
+  await errorBody(t, post, status)
 }
 
 async function accepted (t: Test, gateway: TestGateway, token: string): Promise<void> {
@@ -142,8 +142,8 @@ t.test('the auth plugin refuses an HS256 secret shorter than 32 bytes, and RS256
 t.test('every channel of a stream and of a batch is checked', async (t) => {
   const gateway = await startGateway(t, { PUBLIC_CHANNELS: 'public.*' })
   const subscribeOrders = gateway.token({ subscribe: ['orders.*'] })
-  await errorJson(t, await fetch(streamUrl(gateway.baseUrl, ['orders.eu', 'ordersX']), { headers: { authorization: `Bearer ${subscribeOrders}` } }), 403)
-  await errorJson(t, await fetch(streamUrl(gateway.baseUrl, ['public.a', 'orders.eu', 'chat']), { headers: { authorization: `Bearer ${subscribeOrders}` } }), 403)
+  await errorBody(t, await fetch(streamUrl(gateway.baseUrl, ['orders.eu', 'ordersX']), { headers: { authorization: `Bearer ${subscribeOrders}` } }), 403)
+  await errorBody(t, await fetch(streamUrl(gateway.baseUrl, ['public.a', 'orders.eu', 'chat']), { headers: { authorization: `Bearer ${subscribeOrders}` } }), 403)
   const ok = await openStream(t, streamUrl(gateway.baseUrl, ['public.a', 'orders.eu']), { authorization: `Bearer ${subscribeOrders}` })
   t.equal(ok.response.status, 200, 'a public channel and a covered one')
 
@@ -152,9 +152,9 @@ t.test('every channel of a stream and of a batch is checked', async (t) => {
     headers: { 'content-type': 'application/json', authorization: `Bearer ${token}` },
     body: JSON.stringify({ events: channels.map((channel) => ({ channel, data: 'x' })) })
   })
-  await errorJson(t, await batch(subscribeOrders, ['orders.eu']), 403)
-  await errorJson(t, await batch(gateway.token({ publish: ['orders.*'] }), ['orders.eu', 'orders.us', 'public.a']), 403)
-  await errorJson(t, await batch(gateway.token({ publish: ['orders.eu'] }), ['orders.eu', 'orders.eu2']), 403)
+  await errorBody(t, await batch(subscribeOrders, ['orders.eu']), 403)
+  await errorBody(t, await batch(gateway.token({ publish: ['orders.*'] }), ['orders.eu', 'orders.us', 'public.a']), 403)
+  await errorBody(t, await batch(gateway.token({ publish: ['orders.eu'] }), ['orders.eu', 'orders.eu2']), 403)
   t.equal((await batch(gateway.token({ publish: ['orders.*'] }), ['orders.eu', 'orders.us'])).status, 201)
 })
 
@@ -169,7 +169,7 @@ t.test('a stream ends when its token expires, with a gateway/expired event', asy
   t.same(stream.events.map((e) => e.data), ['while valid'], 'the stream was live until then')
   t.same(stream.control.map((e) => e.event), ['gateway/open', 'gateway/expired'], 'the client is told why')
   const again = await fetch(streamUrl(gateway.baseUrl, ['short']), { headers: { authorization: `Bearer ${token}` } })
-  await errorJson(t, again, 401)
+  await errorBody(t, again, 401)
 
   const long = await openStream(t, streamUrl(gateway.baseUrl, ['long']), { authorization: `Bearer ${gateway.token({ subscribe: ['*'] }, { expiresIn: '30d' })}` })
   t.equal(long.response.status, 200, 'an expiry beyond the longest timer (24.8 days) is fine')
@@ -182,20 +182,20 @@ t.test('a token in an HttpOnly cookie: streams, and publishes from allowed origi
   const cookie = `gw_session=${gateway.token(ALL)}`
   const stream = await openStream(t, streamUrl(gateway.baseUrl, ['cookied']), { cookie })
   t.equal(stream.response.status, 200, 'a stream opens with the cookie')
-  await errorJson(t, await fetch(streamUrl(gateway.baseUrl, ['cookied']), { headers: { cookie: 'other=1' } }), 401)
+  await errorBody(t, await fetch(streamUrl(gateway.baseUrl, ['cookied']), { headers: { cookie: 'other=1' } }), 401)
 
   const post = async (headers: Record<string, string>, body: string): Promise<Response> =>
     await fetch(`${gateway.baseUrl}/channels/cookied`, { method: 'POST', headers: { 'content-type': 'text/plain', cookie, ...headers }, body })
-  await errorJson(t, await post({}, 'no origin'), 403)
-  await errorJson(t, await post({ origin: 'https://evil.example.com' }, 'cross-site'), 403)
-  await errorJson(t, await post({ origin: 'null' }, 'opaque origin'), 403)
-  await errorJson(t, await post({ origin: 'https://app.example.com.evil.com' }, 'look-alike'), 403)
+  await errorBody(t, await post({}, 'no origin'), 403)
+  await errorBody(t, await post({ origin: 'https://evil.example.com' }, 'cross-site'), 403)
+  await errorBody(t, await post({ origin: 'null' }, 'opaque origin'), 403)
+  await errorBody(t, await post({ origin: 'https://app.example.com.evil.com' }, 'look-alike'), 403)
   const ticket = await fetch(`${gateway.baseUrl}/tickets`, {
     method: 'POST',
     headers: { 'content-type': 'application/json', cookie, origin: 'https://evil.example.com' },
     body: JSON.stringify({ channels: ['cookied'] })
   })
-  await errorJson(t, ticket, 403)
+  await errorBody(t, ticket, 403)
   t.equal((await post({ origin: 'https://app.example.com' }, 'listed origin')).status, 201)
   t.equal((await post({ origin: gateway.baseUrl }, 'same origin')).status, 201)
   t.equal((await post({ origin: 'https://evil.example.com', authorization: `Bearer ${gateway.token(ALL)}` }, 'bearer')).status, 201,

@@ -1,7 +1,7 @@
 import { createSigner } from 'fast-jwt'
 import t from 'tap'
-import { connect, JWT_SECRET, openStream, publish, startGateway, streamUrl, type TestGateway, within } from '../helper.js'
-import { epoch, errorJson, type Test } from '../security-helper.js'
+import { connect, errorBody, JWT_SECRET, openStream, publish, startGateway, streamUrl, type Test, type TestGateway, within } from '../helper.js'
+import { epoch } from '../security-helper.js'
 
 async function requestTicket (gateway: TestGateway, channels: unknown, token: string | null): Promise<Response> {
   const headers: Record<string, string> = { 'content-type': 'application/json' }
@@ -29,37 +29,37 @@ t.test('a ticket opens one stream, once, on the channels it names', async (t) =>
   t.equal((await publish(gateway, 'orders.eu', 'via ticket')).status, 201)
   t.equal((await within(stream.take(1), 'the event'))[0]?.data, 'via ticket')
 
-  await errorJson(t, await fetch(streamUrl(gateway.baseUrl, ['orders.eu'], { access_token: body.ticket })), 401)
+  await errorBody(t, await fetch(streamUrl(gateway.baseUrl, ['orders.eu'], { access_token: body.ticket })), 401)
 
   const narrow = await ticketFor(t, gateway, ['orders.eu'], token)
-  await errorJson(t, await fetch(streamUrl(gateway.baseUrl, ['orders.eu', 'orders.fr'], { access_token: narrow })), 403)
-  await errorJson(t, await fetch(streamUrl(gateway.baseUrl, ['orders.eu'], { access_token: narrow })), 401)
+  await errorBody(t, await fetch(streamUrl(gateway.baseUrl, ['orders.eu', 'orders.fr'], { access_token: narrow })), 403)
+  await errorBody(t, await fetch(streamUrl(gateway.baseUrl, ['orders.eu'], { access_token: narrow })), 401)
   t.pass('a refused attempt spends the ticket too')
-  await errorJson(t, await fetch(streamUrl(gateway.baseUrl, ['orders.eu'], { access_token: 'tkt_made-up' })), 401)
+  await errorBody(t, await fetch(streamUrl(gateway.baseUrl, ['orders.eu'], { access_token: 'tkt_made-up' })), 401)
 })
 
 t.test('a ticket is issued only for channels the token may subscribe to', async (t) => {
   const gateway = await startGateway(t, { MAX_CHANNELS_PER_STREAM: '3' })
   const token = gateway.token({ subscribe: ['orders.*'] })
-  await errorJson(t, await requestTicket(gateway, ['orders.eu'], null), 401)
-  await errorJson(t, await requestTicket(gateway, ['orders.eu', 'chat'], token), 403)
-  await errorJson(t, await requestTicket(gateway, ['orders.eu'], gateway.token({ publish: ['*'] })), 403)
-  await errorJson(t, await requestTicket(gateway, ['bad name'], token), 400)
-  await errorJson(t, await requestTicket(gateway, [], token), 400)
-  await errorJson(t, await requestTicket(gateway, [{ name: 'orders.eu' }], token), 400)
-  await errorJson(t, await requestTicket(gateway, ['orders.a', 'orders.b', 'orders.c', 'orders.d'], token), 400)
+  await errorBody(t, await requestTicket(gateway, ['orders.eu'], null), 401)
+  await errorBody(t, await requestTicket(gateway, ['orders.eu', 'chat'], token), 403)
+  await errorBody(t, await requestTicket(gateway, ['orders.eu'], gateway.token({ publish: ['*'] })), 403)
+  await errorBody(t, await requestTicket(gateway, ['bad name'], token), 400)
+  await errorBody(t, await requestTicket(gateway, [], token), 400)
+  await errorBody(t, await requestTicket(gateway, [{ name: 'orders.eu' }], token), 400)
+  await errorBody(t, await requestTicket(gateway, ['orders.a', 'orders.b', 'orders.c', 'orders.d'], token), 400)
   const expired = createSigner({ key: JWT_SECRET })({ subscribe: ['*'], exp: epoch(-5) })
-  await errorJson(t, await requestTicket(gateway, ['orders.eu'], expired), 401)
+  await errorBody(t, await requestTicket(gateway, ['orders.eu'], expired), 401)
   const ticket = await ticketFor(t, gateway, ['orders.eu'])
-  await errorJson(t, await requestTicket(gateway, ['orders.eu'], ticket), 401)
+  await errorBody(t, await requestTicket(gateway, ['orders.eu'], ticket), 401)
   t.pass('a ticket does not buy another ticket')
 })
 
 t.test('a ticket never publishes', async (t) => {
   const gateway = await startGateway(t)
   const ticket = await ticketFor(t, gateway, ['chat'])
-  await errorJson(t, await publish(gateway, 'chat', 'x', { token: ticket }), 401)
-  await errorJson(t, await fetch(`${gateway.baseUrl}/channels/chat?access_token=${ticket}`, { method: 'POST', headers: { 'content-type': 'text/plain' }, body: 'x' }), 401)
+  await errorBody(t, await publish(gateway, 'chat', 'x', { token: ticket }), 401)
+  await errorBody(t, await fetch(`${gateway.baseUrl}/channels/chat?access_token=${ticket}`, { method: 'POST', headers: { 'content-type': 'text/plain' }, body: 'x' }), 401)
 })
 
 t.test('an expired ticket is refused', async (t) => {
@@ -68,7 +68,7 @@ t.test('an expired ticket is refused', async (t) => {
   const db = await connect(t, gateway.databaseUrl)
   const { rowCount } = await db.query("UPDATE sse_gateway.tickets SET expires_at = now() - interval '1 second'")
   t.equal(rowCount, 1)
-  await errorJson(t, await fetch(streamUrl(gateway.baseUrl, ['chat'], { access_token: ticket })), 401)
+  await errorBody(t, await fetch(streamUrl(gateway.baseUrl, ['chat'], { access_token: ticket })), 401)
   const { rows } = await db.query('SELECT count(*)::int AS n FROM sse_gateway.tickets')
   t.equal(rows[0].n, 0, 'the expired ticket is gone')
 })
