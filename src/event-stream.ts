@@ -29,7 +29,15 @@ export interface EventStreamOptions {
    * cut off. Live events held while the stream is set up count too.
    */
   maxBufferedBytes: number
-  onCutOff?: () => void
+  /** Called with the frames thrown away, live events the client will not get on this stream. */
+  onCutOff?: (droppedFrames: number) => void
+  /** Shared by all streams of an app: a plain tally is all the hot path can afford. */
+  tally?: StreamTally
+}
+
+export interface StreamTally {
+  /** Bytes handed to responses by flushes. */
+  bytesWritten: number
 }
 
 // The fan-out hot path. A stream with frames queued waits in line here, and
@@ -172,7 +180,7 @@ export class EventStream implements EventSink {
     // next flush of a stream whose socket took everything are the gateway's
     // own backlog, shared Buffers that the flush will hand on.
     if (this.#waitingForDrain && this.#pendingBytes + frame.length + this.#res.writableLength > this.#options.maxBufferedBytes) {
-      this.#cutOff()
+      this.#cutOff(1)
       return
     }
     this.#pending.push(frame)
@@ -196,6 +204,7 @@ export class EventStream implements EventSink {
       return
     }
     const pending = this.#pending
+    if (this.#options.tally !== undefined) this.#options.tally.bytesWritten += this.#pendingBytes
     const chunk = pending.length === 1 ? pending[0] as Buffer : Buffer.concat(pending, this.#pendingBytes)
     this.#pending = []
     this.#pendingBytes = 0
@@ -243,13 +252,15 @@ export class EventStream implements EventSink {
     this.flush()
   }
 
-  #cutOff (): void {
+  /** `refused`: a frame the caller was writing, dropped too. */
+  #cutOff (refused = 0): void {
     if (this.ended) return
+    const dropped = (this.#held?.length ?? 0) + this.#pending.length + refused
     this.#held = []
     this.#heldBytes = 0
     this.#pending = []
     this.#pendingBytes = 0
     this.#res.destroy()
-    this.#options.onCutOff?.()
+    this.#options.onCutOff?.(dropped)
   }
 }

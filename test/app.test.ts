@@ -2,6 +2,7 @@ import { Writable } from 'node:stream'
 import t from 'tap'
 import { build, loggerOptions, redactUrl } from '../src/app.js'
 import { loadConfig } from '../src/config.js'
+import { encodeEvent } from '../src/sse.js'
 import { JWT_SECRET, createDatabase, openStream, publish, startGateway, streamUrl } from './helper.js'
 
 t.test('GET /healthz answers while the process is up', async (t) => {
@@ -37,6 +38,9 @@ t.test('GET /metrics is Prometheus text with the gateway figures', async (t) => 
   t.match(response.body, /^pgsse_listener_connected 1$/m)
   t.match(response.body, /^pgsse_publish_duration_seconds_count\{route="\/channels\/:channel"\} 1$/m, 'the publish was timed')
   t.match(response.body, /^pgsse_fanout_duration_seconds_count 1$/m, 'the fan-out was timed')
+  const frame = encodeEvent({ id: '1', event: 'm', data: 'one' })
+  t.match(response.body, new RegExp(`^pgsse_bytes_written_total ${Buffer.byteLength(frame)}$`, 'm'), 'the event\'s bytes were counted')
+  t.match(response.body, /^pgsse_frames_dropped_total 0$/m)
   t.match(response.body, /^pgsse_pool_connections\{state="total"\} [1-9]/m, 'the pool has connections')
   t.match(response.body, /^pgsse_pool_connections\{state="waiting"\} \d+$/m)
   t.match(response.body, /^pgsse_process_nodejs_eventloop_lag_seconds /m, 'event-loop lag')

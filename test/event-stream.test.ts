@@ -14,6 +14,8 @@ interface Served {
   /** Every chunk handed to res.write, in order. */
   writes: Buffer[]
   cutOff: () => number
+  /** Frames the cut-offs threw away. */
+  dropped: () => number
 }
 
 /** A raw HTTP client: reads the response as bytes, or stops reading. */
@@ -64,6 +66,7 @@ async function serve (t: Test, options: Partial<EventStreamOptions> = {}): Promi
   const waiting: Array<(served: Served) => void> = []
   const server = createServer((_req: IncomingMessage, res: ServerResponse) => {
     let cutOffs = 0
+    let dropped = 0
     const writes: Buffer[] = []
     const write = res.write.bind(res) as (chunk: Buffer | string) => boolean
     res.write = ((chunk: Buffer | string) => {
@@ -72,12 +75,12 @@ async function serve (t: Test, options: Partial<EventStreamOptions> = {}): Promi
     }) as typeof res.write
     const stream = new EventStream(res, {
       maxBufferedBytes: 256 * 1024,
-      onCutOff: () => { cutOffs++ },
+      onCutOff: (frames) => { cutOffs++; dropped += frames },
       ...options
     })
     stream.open(EVENT_STREAM_HEADERS, 'retry: 1000\n\n')
     writes.length = 0
-    waiting.shift()?.({ stream, res, writes, cutOff: () => cutOffs })
+    waiting.shift()?.({ stream, res, writes, cutOff: () => cutOffs, dropped: () => dropped })
   })
   server.listen(0, '127.0.0.1')
   await once(server, 'listening')
@@ -115,7 +118,8 @@ async function until (condition: () => boolean, what: string): Promise<void> {
 const frame = (id: number, data = `event ${id}`): Buffer => Buffer.from(encodeEvent({ id: String(id), event: 'c', data }))
 
 t.test('the frames of one turn go out as one write, in order', async (t) => {
-  const { open } = await serve(t)
+  const tally = { bytesWritten: 0 }
+  const { open } = await serve(t, { tally })
   const [served, client] = await open()
   served.stream.release()
   const frames = Array.from({ length: 500 }, (_, i) => frame(i + 1))
@@ -131,6 +135,7 @@ t.test('the frames of one turn go out as one write, in order', async (t) => {
   served.stream.write(frame(502), 502)
   await until(() => served.writes.length === 2, 'the second write')
   t.equal(served.writes[1]?.toString(), frame(501).toString() + frame(502).toString())
+  t.equal(tally.bytesWritten, served.writes.reduce((n, w) => n + w.length, 0), 'the tally counts every byte written')
 })
 
 t.test('the same Buffer may go to many streams, each keeping its own order', async (t) => {
@@ -207,7 +212,7 @@ t.test('a client that stops reading is cut off at the bound; the others get ever
   let peak = 0
   // Publish until the stalled client is cut off; 64 MiB at most.
   while (stalled.cutOff() === 0 && id < 4096) {
-    for (let i = 0; i < 16; i++) {
+    for (let i = 0; i < 16 && stalled.cutOff() === 0; i++) {
       const f = frame(++id, payload)
       stalled.stream.write(f, id)
       for (const [served] of readers) served.stream.write(f, id)
@@ -216,6 +221,9 @@ t.test('a client that stops reading is cut off at the bound; the others get ever
     await turn()
   }
   t.equal(stalled.cutOff(), 1, 'cut off, once')
+  const handed = stalled.writes.reduce((n, w) => n + w.toString('latin1').split('\n\n').length - 1, 0)
+  t.ok(stalled.dropped() > 0, `the frames thrown away are counted (${stalled.dropped()})`)
+  t.equal(handed + stalled.dropped(), id, 'each frame was either handed to the response or counted as dropped')
   t.ok(stalled.stream.ended, 'its response is destroyed')
   t.ok(peak <= bound + frame(id, payload).length, `its unsent bytes never passed the bound by more than a frame (peak ${peak})`)
   const after = stalled.writes.length

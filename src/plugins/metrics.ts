@@ -1,4 +1,5 @@
 import fp from 'fastify-plugin'
+import type { StreamTally } from '../event-stream.js'
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client'
 import { pollingLogLevel } from '../logging.js'
 
@@ -15,6 +16,10 @@ export interface GatewayMetrics {
   eventsReplayed: Counter
   eventsCaughtUp: Counter
   streamsCutOff: Counter
+  framesDropped: Counter
+  /** What the streams count on the hot path, read at scrape time. */
+  streamTally: StreamTally
+  bytesWritten: Counter
   poolConnections: Gauge<'state'>
   publishDuration: Histogram<'route'>
   fanOutDuration: Histogram
@@ -33,6 +38,8 @@ declare module 'fastify' {
 // gateways embedded in a host) do not mix their figures.
 export default fp(async function metricsPlugin (app) {
   const registry = new Registry()
+  const streamTally: StreamTally = { bytesWritten: 0 }
+  let bytesReported = 0
   collectDefaultMetrics({ register: registry, prefix: 'pgsse_process_' })
   // Gauges of state held elsewhere are read when scraped, not kept in step.
   const metrics: GatewayMetrics = {
@@ -73,6 +80,17 @@ export default fp(async function metricsPlugin (app) {
     eventsReplayed: new Counter({ name: 'pgsse_events_replayed_total', help: 'Events replayed from the log to resuming streams', registers: [registry] }),
     eventsCaughtUp: new Counter({ name: 'pgsse_events_caught_up_total', help: 'Events the listener read from the log after reconnecting', registers: [registry] }),
     streamsCutOff: new Counter({ name: 'pgsse_streams_cut_off_total', help: 'Streams ended because the client did not read fast enough', registers: [registry] }),
+    framesDropped: new Counter({ name: 'pgsse_frames_dropped_total', help: 'Event frames thrown away with the streams cut off (their clients resume from the log)', registers: [registry] }),
+    streamTally,
+    bytesWritten: new Counter({
+      name: 'pgsse_bytes_written_total',
+      help: 'Bytes of events written to streams',
+      registers: [registry],
+      collect () {
+        this.inc(streamTally.bytesWritten - bytesReported)
+        bytesReported = streamTally.bytesWritten
+      }
+    }),
     poolConnections: new Gauge({
       name: 'pgsse_pool_connections',
       help: 'Publishing pool connections: total, idle, and requests waiting for one',

@@ -124,8 +124,10 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
 
     const stream = new EventStream(reply.raw, {
       maxBufferedBytes: config.STREAM_BUFFER_BYTES,
-      onCutOff: () => {
+      tally: app.metrics.streamTally,
+      onCutOff: (droppedFrames) => {
         app.metrics.streamsCutOff.inc()
+        app.metrics.framesDropped.inc(droppedFrames)
         request.log.warn({ channels }, 'stream cut off: the client is not reading')
       }
     })
