@@ -87,6 +87,17 @@ function enqueue (stream: EventStream): void {
 }
 
 /**
+ * Node keeps the header block it sent (`_header`, undocumented) for the life
+ * of the response, as the rope of string concatenations it was built from:
+ * about a hundred pieces. Reading a character makes V8 flatten it into one
+ * string, which is 1 KB less per stream.
+ */
+function flattenHeaderBlock (res: ServerResponse): void {
+  const head: unknown = (res as unknown as { _header?: unknown })._header
+  if (typeof head === 'string' && head.length > 0) head.charCodeAt(0)
+}
+
+/**
  * One client's SSE response.
  *
  * A stream starts holding: live events delivered while it is set up (its
@@ -137,6 +148,7 @@ export class EventStream implements EventSink {
   /** Sends the headers and the first frames; live events are still held. */
   open (headers: OutgoingHttpHeaders, preamble: string): void {
     this.#res.writeHead(200, headers)
+    flattenHeaderBlock(this.#res)
     this.#res.write(preamble)
   }
 
@@ -217,6 +229,10 @@ export class EventStream implements EventSink {
     socket?.uncork()
     if (!more) {
       this.#waitingForDrain = true
+      this.#onDrain ??= (): void => {
+        this.#waitingForDrain = false
+        this.flush()
+      }
       this.#res.once('drain', this.#onDrain)
     }
   }
@@ -238,7 +254,7 @@ export class EventStream implements EventSink {
   /** Ends the response after what is queued; resolves once it is sent (or the client is gone). */
   async end (): Promise<void> {
     if (this.ended) return
-    this.#res.off('drain', this.#onDrain)
+    if (this.#onDrain !== undefined) this.#res.off('drain', this.#onDrain)
     this.#waitingForDrain = false
     this.flush()
     await new Promise<void>((resolve) => {
@@ -247,10 +263,9 @@ export class EventStream implements EventSink {
     })
   }
 
-  readonly #onDrain = (): void => {
-    this.#waitingForDrain = false
-    this.flush()
-  }
+  // Made when the stream first waits for its socket: most streams never do,
+  // and a closure made at construction costs each of them a context.
+  #onDrain: (() => void) | undefined
 
   /** `refused`: a frame the caller was writing, dropped too. */
   #cutOff (refused = 0): void {

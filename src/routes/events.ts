@@ -72,23 +72,70 @@ async function replayLog (app: FastifyInstance, stream: EventStream, channels: r
 // setTimeout takes at most 2^31 - 1 ms (24.8 days); a later expiry re-arms.
 const MAX_TIMER_MS = 2 ** 31 - 1
 
-/** Ends the stream when `exp` (seconds) passes; returns the cancel. */
-function endAtExpiry (stream: EventStream, exp: number): () => void {
-  let timer: NodeJS.Timeout | undefined
-  const arm = (): void => {
-    const left = exp * 1000 - Date.now()
-    if (left > 0) {
-      timer = setTimeout(arm, Math.min(left, MAX_TIMER_MS))
+function endExpired (stream: EventStream): void {
+  stream.write(Buffer.from(encodeEvent({
+    event: GATEWAY_EVENTS.expired,
+    data: JSON.stringify({ reason: 'the token expired: reconnect with a fresh one' })
+  })))
+  stream.end().catch(() => {})
+}
+
+/**
+ * Ends each stream when its token's `exp` (whole seconds) passes. Streams
+ * whose tokens expire in the same second share one timer: a Timeout and its
+ * closures per stream would cost more than the stream's own state.
+ */
+class ExpiryTimers {
+  readonly #due = new Map<number, { streams: Set<EventStream>, timer: NodeJS.Timeout }>()
+
+  add (stream: EventStream, exp: number): void {
+    if (exp * 1000 <= Date.now()) {
+      endExpired(stream)
       return
     }
-    stream.write(Buffer.from(encodeEvent({
-      event: GATEWAY_EVENTS.expired,
-      data: JSON.stringify({ reason: 'the token expired: reconnect with a fresh one' })
-    })))
-    stream.end().catch(() => {})
+    let bucket = this.#due.get(exp)
+    if (bucket === undefined) {
+      bucket = { streams: new Set(), timer: this.#arm(exp) }
+      this.#due.set(exp, bucket)
+    }
+    bucket.streams.add(stream)
   }
-  arm()
-  return () => clearTimeout(timer)
+
+  delete (stream: EventStream, exp: number): void {
+    const bucket = this.#due.get(exp)
+    if (bucket === undefined || !bucket.streams.delete(stream)) return
+    if (bucket.streams.size === 0) {
+      clearTimeout(bucket.timer)
+      this.#due.delete(exp)
+    }
+  }
+
+  #arm (exp: number): NodeJS.Timeout {
+    return setTimeout(() => {
+      const bucket = this.#due.get(exp)
+      if (bucket === undefined) return
+      if (exp * 1000 > Date.now()) {
+        bucket.timer = this.#arm(exp)
+        return
+      }
+      this.#due.delete(exp)
+      for (const stream of bucket.streams) endExpired(stream)
+    }, Math.min(exp * 1000 - Date.now(), MAX_TIMER_MS))
+  }
+}
+
+// The security headers that mean something on an event stream (and on the
+// JSON errors of GET /events): the rest of helmet's set (CSP, COOP,
+// Origin-Agent-Cluster, Referrer-Policy, X-DNS-Prefetch-Control,
+// X-Download-Options, X-Permitted-Cross-Domain-Policies, X-XSS-Protection)
+// governs documents, which a stream is not. Set through the reply rather than
+// by helmet on the raw response: headers set on the raw response are kept in
+// a per-response table (an array per header) for as long as the stream lives.
+const STREAM_SECURITY_HEADERS = {
+  'strict-transport-security': 'max-age=31536000; includeSubDomains',
+  'x-content-type-options': 'nosniff',
+  'cross-origin-resource-policy': 'same-origin',
+  'x-frame-options': 'SAMEORIGIN'
 }
 
 const BatchBody = Type.Object({
@@ -100,6 +147,7 @@ const BatchBody = Type.Object({
 
 export default async function eventsRoutes (app: FastifyInstance, { config }: EventsRoutesOptions): Promise<void> {
   const routes = app.withTypeProvider<TypeBoxTypeProvider>()
+  const expiries = new ExpiryTimers()
   // A batch is UTF-8 JSON: invalid bytes are refused, not replaced by U+FFFD;
   // then Fastify's parser (which refuses __proto__ and constructor keys).
   const parseJson = app.getDefaultJsonParser('error', 'error')
@@ -107,7 +155,12 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
   app.addContentTypeParser('application/json', { parseAs: 'buffer' }, utf8BodyParser(parseJson))
 
   // No HEAD: it would open a stream whose events nobody may send.
-  routes.get('/events', { schema: { querystring: StreamQuery }, exposeHeadRoute: false }, async (request, reply) => {
+  routes.get('/events', {
+    schema: { querystring: StreamQuery },
+    exposeHeadRoute: false,
+    helmet: false,
+    onRequest: async (_request, reply) => { reply.headers(STREAM_SECURITY_HEADERS) }
+  }, async (request, reply) => {
     const channels = [...new Set(request.query.channel)]
     if (channels.length > config.MAX_CHANNELS_PER_STREAM) {
       throw new BadRequestError(`a stream may have at most ${config.MAX_CHANNELS_PER_STREAM} channels`)
@@ -156,9 +209,9 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
     // committed after the client sees the response is never missed.
     reply.hijack()
     app.streams.add(stream)
-    let clearExpiry = (): void => {}
+    const exp = claims?.exp
     reply.raw.on('close', () => {
-      clearExpiry()
+      if (exp !== undefined) expiries.delete(stream, exp)
       unsubscribe()
       app.streams.delete(stream)
     })
@@ -175,7 +228,7 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
     }
     stream.open({ ...reply.getHeaders() as OutgoingHttpHeaders, ...EVENT_STREAM_HEADERS }, preamble)
     // The stream lives no longer than its token: the client reconnects with a fresh one.
-    if (claims?.exp !== undefined) clearExpiry = endAtExpiry(stream, claims.exp)
+    if (exp !== undefined) expiries.add(stream, exp)
 
     if (start.after < bounds.head) {
       try {

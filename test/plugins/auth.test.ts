@@ -163,11 +163,19 @@ t.test('a stream ends when its token expires, with a gateway/expired event', asy
   const token = createSigner({ key: JWT_SECRET })({ subscribe: ['*'], exp: epoch(3) })
   const stream = await openStream(t, streamUrl(gateway.baseUrl, ['short']), { authorization: `Bearer ${token}` })
   t.equal(stream.response.status, 200)
+  // Streams whose tokens expire in the same second share a timer: one that
+  // leaves early must not take the others' expiry with it.
+  const leaving = await openStream(t, streamUrl(gateway.baseUrl, ['short']), { authorization: `Bearer ${token}` })
+  const sibling = await openStream(t, streamUrl(gateway.baseUrl, ['other']), { authorization: `Bearer ${token}` })
+  leaving.close()
+  await leaving.done
   const post = await fetch(`${gateway.baseUrl}/channels/short`, { method: 'POST', headers: { 'content-type': 'text/plain', ...bearerAll(gateway) }, body: 'while valid' })
   t.equal(post.status, 201)
   await within(stream.until(() => stream.ended, 'the end of the stream'), 'the stream to end at expiry', 10_000)
   t.same(stream.events.map((e) => e.data), ['while valid'], 'the stream was live until then')
   t.same(stream.control.map((e) => e.event), ['gateway/open', 'gateway/expired'], 'the client is told why')
+  await within(sibling.until(() => sibling.ended, 'the end of the stream'), 'the other stream on the token to end too')
+  t.same(sibling.control.map((e) => e.event), ['gateway/open', 'gateway/expired'])
   const again = await fetch(streamUrl(gateway.baseUrl, ['short']), { headers: { authorization: `Bearer ${token}` } })
   await errorBody(t, again, 401)
 
