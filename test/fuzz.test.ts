@@ -1,5 +1,5 @@
 import t from 'tap'
-import { openStream, startGateway, type StreamClient, streamUrl, type Test, type TestGateway, within } from './helper.js'
+import { openStream, seededRandom, startGateway, type StreamClient, streamUrl, type Test, type TestGateway, within } from './helper.js'
 import { stillServing } from './security-helper.js'
 
 // Random channel names and payloads, from a seed printed with the results
@@ -8,18 +8,7 @@ import { stillServing } from './security-helper.js'
 
 const SEED = Number(process.env.FUZZ_SEED ?? Math.floor(Math.random() * 2 ** 31))
 
-function prng (seed: number): () => number {
-  // mulberry32: small, fast, and good enough to pick test inputs.
-  let a = seed >>> 0
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0
-    let x = Math.imul(a ^ (a >>> 15), 1 | a)
-    x = (x + Math.imul(x ^ (x >>> 7), 61 | x)) ^ x
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296
-  }
-}
-
-const random = prng(SEED)
+const random = seededRandom(SEED)
 const int = (n: number): number => Math.floor(random() * n)
 const pick = <T>(items: readonly T[]): T => items[int(items.length)] as T
 

@@ -260,3 +260,14 @@ export async function errorBody (t: Test, res: Response, statusCode: number): Pr
   t.match(body, { statusCode, error: /./, message: /./ })
   return body
 }
+
+/** A seeded generator (mulberry32) of numbers in [0, 1): a failing run can be replayed with its seed. */
+export function seededRandom (seed: number): () => number {
+  let a = seed >>> 0
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0
+    let x = Math.imul(a ^ (a >>> 15), 1 | a)
+    x = (x + Math.imul(x ^ (x >>> 7), 61 | x)) ^ x
+    return ((x ^ (x >>> 14)) >>> 0) / 4294967296
+  }
+}

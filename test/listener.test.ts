@@ -3,7 +3,7 @@ import pg from 'pg'
 import t from 'tap'
 import { migrate, publishEvents } from '../src/event-log.js'
 import { LISTENER_APPLICATION_NAME, ListenerConnection, type ChannelEvent, type ListenerOptions } from '../src/listener.js'
-import { connect, createDatabase } from './helper.js'
+import { connect, createDatabase, seededRandom } from './helper.js'
 
 interface Teardown {
   teardown (fn: () => unknown): void
@@ -95,17 +95,6 @@ function sorted (values: Iterable<string>): string[] {
   return [...values].sort()
 }
 
-// A small seeded generator: a failing interleaving can be replayed.
-function random (seed: number): () => number {
-  let a = seed >>> 0
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0
-    let r = Math.imul(a ^ (a >>> 15), 1 | a)
-    r = (r + Math.imul(r ^ (r >>> 7), 61 | r)) ^ r
-    return ((r ^ (r >>> 14)) >>> 0) / 4294967296
-  }
-}
-
 t.test('connects with its own application_name', async (t) => {
   const { listener } = await startListener(t)
   t.ok(listener.connected)
@@ -189,7 +178,7 @@ t.test('random interleavings of listen and unlisten converge on the last wish', 
   const { listener, received } = await startListener(t)
   const universe = ['r0', 'r1', 'R.2', 'r:3', 'r-4', 'r5']
   const seed = Number(process.env.LISTENER_SEED ?? Date.now() % 1_000_000)
-  const rnd = random(seed)
+  const rnd = seededRandom(seed)
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rnd() * xs.length)] as T
   const wanted = new Set<string>()
   for (let round = 0; round < 25; round++) {
