@@ -13,7 +13,14 @@ export interface ChannelListener {
   unlisten (channel: string): Promise<void>
 }
 
-interface ChannelEntry {
+/** A channel's last delivered event, for the operator's status. */
+export interface ChannelActivity {
+  /** Epoch milliseconds. */
+  lastEventAt: number
+  lastEventId: string | undefined
+}
+
+interface ChannelEntry extends ChannelActivity {
   sinks: Set<EventSink>
   /** Settles when the channel's LISTEN has run; every joiner waits on it. */
   listening: Promise<void>
@@ -40,6 +47,12 @@ export class ChannelHub {
     return this.#channels.get(channel)?.sinks.size ?? 0
   }
 
+  /** The channel's last event, while it has subscribers; lastEventAt is 0 before the first. */
+  activity (channel: string): ChannelActivity | undefined {
+    const entry = this.#channels.get(channel)
+    return entry === undefined ? undefined : { lastEventAt: entry.lastEventAt, lastEventId: entry.lastEventId }
+  }
+
   /**
    * Adds a sink to channels and resolves, with the function that removes it,
    * once every channel is LISTENed. If a LISTEN fails the sink is removed
@@ -50,7 +63,7 @@ export class ChannelHub {
     for (const channel of channels) {
       let entry = this.#channels.get(channel)
       if (entry === undefined) {
-        entry = { sinks: new Set(), listening: this.#listener.listen(channel) }
+        entry = { sinks: new Set(), listening: this.#listener.listen(channel), lastEventAt: 0, lastEventId: undefined }
         // A failed LISTEN is reported to whoever waits; never unhandled.
         entry.listening.catch(() => {})
         this.#channels.set(channel, entry)
@@ -80,6 +93,8 @@ export class ChannelHub {
     const frame = Buffer.from(encodeEvent({ id: event.id, event: event.channel, data: event.data }))
     const id = event.id === undefined ? undefined : Number(event.id)
     for (const sink of entry.sinks) sink.write(frame, id)
+    entry.lastEventAt = Date.now()
+    entry.lastEventId = event.id
     return entry.sinks.size
   }
 

@@ -12,15 +12,7 @@ declare module 'fastify' {
     hub: ChannelHub
     /** Every SSE stream open on this app. */
     streams: Set<EventStream>
-    /** The last event seen on each channel the listener has LISTENed. */
-    channelActivity: ReadonlyMap<string, ChannelActivity>
   }
-}
-
-export interface ChannelActivity {
-  /** Epoch milliseconds. */
-  lastEventAt: number
-  lastEventId: string | undefined
 }
 
 export interface GatewayPluginOptions {
@@ -40,14 +32,11 @@ export default fp<GatewayPluginOptions>(async function gatewayPlugin (app, { con
   const streams = new Set<EventStream>()
   const { metrics } = app
 
-  // Per channel: when its last event arrived, for the operator's status.
-  const channelActivity = new Map<string, ChannelActivity>()
   listener.on('event', (event) => {
     const started = performance.now()
     metrics.eventsDelivered.inc(hub.deliver(event))
     metrics.fanOutDuration.observe((performance.now() - started) / 1000)
     metrics.eventsReceived.inc({ kind: event.id === undefined ? 'plain' : 'logged' })
-    channelActivity.set(event.channel, { lastEventAt: Date.now(), lastEventId: event.id })
   })
   listener.on('connected', ({ reconnected, caughtUp }) => {
     if (!reconnected) {
@@ -72,7 +61,6 @@ export default fp<GatewayPluginOptions>(async function gatewayPlugin (app, { con
   app.decorate('listener', listener)
   app.decorate('hub', hub)
   app.decorate('streams', streams)
-  app.decorate('channelActivity', channelActivity)
 
   // One timer for all streams, and one shared frame.
   const heartbeat = Buffer.from(encodeComment('heartbeat'))
@@ -82,10 +70,6 @@ export default fp<GatewayPluginOptions>(async function gatewayPlugin (app, { con
   heartbeatTimer.unref()
 
   const retentionTimer = setInterval(() => {
-    // Channels come and go (one per user, say): forget those no longer LISTENed.
-    for (const channel of channelActivity.keys()) {
-      if (!listener.channels.has(channel)) channelActivity.delete(channel)
-    }
     pruneLog(app.pg.pool, {
       maxAgeSeconds: config.RETENTION_MAX_AGE_SECONDS,
       maxEvents: config.RETENTION_MAX_EVENTS,

@@ -37,13 +37,13 @@ export default async function statusRoutes (app: FastifyInstance, { config }: St
     } catch {
       throw new UnavailableError('the event log cannot be read right now')
     }
-    const { listener, hub, channelActivity } = app
+    const { listener, hub } = app
     const channels = [...listener.channels].sort().map((name) => {
-      const activity = channelActivity.get(name)
+      const activity = hub.activity(name)
       return {
         name,
         subscribers: hub.subscriberCount(name),
-        lastEventAt: activity === undefined ? null : new Date(activity.lastEventAt).toISOString(),
+        lastEventAt: activity === undefined || activity.lastEventAt === 0 ? null : new Date(activity.lastEventAt).toISOString(),
         lastEventId: activity?.lastEventId ?? null
       }
     })
