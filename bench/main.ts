@@ -243,6 +243,16 @@ async function main (): Promise<void> {
     machine: `${cpus().length} × ${cpus()[0]?.model ?? '?'}, ${(totalmem() / 2 ** 30).toFixed(1)} GiB, Node ${process.version}`,
     command: ['npm run bench', ...(process.argv.length > 2 ? ['--', ...process.argv.slice(2)] : [])].join(' ')
   }
+  if (args.only === 'publish') {
+    // Only the publish figures, for working on the publish path.
+    const gateway = await startGateway({ adminUrl: args.database, port: GATEWAY_PORT, nodeArgs: args.profile ? ['--cpu-prof', '--cpu-prof-dir=bench/profiles'] : [], log })
+    try {
+      process.stdout.write(JSON.stringify(await measurePublish(gateway), null, 2) + '\n')
+    } finally {
+      await gateway.stop()
+    }
+    return
+  }
   if (args.only !== 'gateway') {
     const nchan = await startNchan({ port: NCHAN_PORT, log })
     try {

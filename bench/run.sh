@@ -1,5 +1,5 @@
 #!/bin/sh
-# npm run bench [-- --streams 5000 --events 1000 --only gateway|nchan --profile]
+# npm run bench [-- --streams 5000 --events 1000 --only gateway|nchan|publish --profile]
 # 10,000 streams need as many file descriptors in the gateway, in nginx and
 # in the load generator: raise the soft limit as far as the hard one allows.
 set -e

@@ -10,6 +10,7 @@ import { migrate } from './event-log.js'
 import authPlugin from './plugins/auth.js'
 import gatewayPlugin from './plugins/gateway.js'
 import metricsPlugin from './plugins/metrics.js'
+import publisherPlugin from './plugins/publisher.js'
 import securityPlugin from './plugins/security.js'
 import channelsRoutes from './routes/channels.js'
 import eventsRoutes from './routes/events.js'
@@ -83,6 +84,8 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
   // An idle client whose backend dies emits 'error' on the pool; unhandled,
   // that would end the process.
   app.pg.pool.on('error', (err) => app.log.warn({ err: { message: err.message } }, 'idle database client lost'))
+
+  await app.register(publisherPlugin, { maxEvents: config.MAX_BATCH_EVENTS, maxBytes: config.MAX_BATCH_BYTES })
 
   const client = await app.pg.connect()
   try {

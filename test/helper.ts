@@ -49,6 +49,24 @@ export async function connect (t: Teardown, connectionString: string): Promise<p
   return client
 }
 
+/**
+ * Makes COMMIT fail for events with this payload, with a deferred constraint
+ * trigger that raises (SQLSTATE P0001): a real commit-time failure, as a
+ * full NOTIFY queue or a lost server would give. Resolves with its undo.
+ */
+export async function refuseAtCommit (db: pg.ClientBase, payload: string): Promise<() => Promise<void>> {
+  await db.query(`
+    CREATE FUNCTION refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      IF NEW.payload = ${db.escapeLiteral(payload)} THEN RAISE EXCEPTION 'refused at commit'; END IF;
+      RETURN NULL;
+    END $$;
+    CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON sse_gateway.events
+      DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_at_commit();
+  `)
+  return async () => { await db.query('DROP TRIGGER refuse_at_commit ON sse_gateway.events; DROP FUNCTION refuse_at_commit()') }
+}
+
 export interface TestGateway {
   app: FastifyInstance
   baseUrl: string

@@ -102,7 +102,9 @@ export async function publishAll (app: FastifyInstance, request: FastifyRequest,
   }
   let result: PublishResult
   try {
-    result = await publishEvents(app.pg.pool, events, idempotency)
+    result = idempotency === undefined
+      ? { ids: await app.publisher.publish(events), replayed: false }
+      : await publishEvents(app.pg.pool, events, idempotency)
   } catch (err) {
     if (err instanceof IdempotencyConflictError) throw new ConflictError(err.message)
     const code = (err as { code?: unknown }).code
@@ -111,6 +113,11 @@ export async function publishAll (app: FastifyInstance, request: FastifyRequest,
       throw new BadRequestError('the database refused the event: nothing was published')
     }
     app.log.error({ err: { message: (err as Error).message, code } }, 'publish failed')
+    // Without a SQLSTATE the database did not answer: the connection may
+    // have been lost after COMMIT was sent.
+    if (typeof code !== 'string') {
+      throw new UnavailableError('the database did not confirm the commit: the events may or may not have been published; retry with an Idempotency-Key to publish them at most once')
+    }
     throw new UnavailableError('the event could not be committed: nothing was published; retry shortly')
   }
   if (result.replayed) {

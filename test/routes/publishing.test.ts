@@ -2,7 +2,7 @@
 // a 503 with nothing published when COMMIT fails, and an Idempotency-Key
 // that makes a retry publish nothing twice.
 import t from 'tap'
-import { connect, openStream, publish, type ReceivedEvent, startGateway, type StreamClient, streamUrl, subscriber, type Test, type TestGateway, within } from '../helper.js'
+import { connect, openStream, publish, refuseAtCommit, type ReceivedEvent, startGateway, type StreamClient, streamUrl, subscriber, type Test, type TestGateway, within } from '../helper.js'
 
 async function listen (t: Test, gateway: TestGateway, channel: string): Promise<StreamClient> {
   return await openStream(t, streamUrl(gateway.baseUrl, [channel]), subscriber(gateway))
@@ -93,17 +93,7 @@ t.test('a batch is idempotent as a whole', async (t) => {
 t.test('when COMMIT fails the POST answers 503 and nothing is delivered', async (t) => {
   const gateway = await startGateway(t)
   const db = await connect(t, gateway.databaseUrl)
-  // A deferred constraint trigger runs at COMMIT: a real commit-time failure,
-  // as a full NOTIFY queue or a lost server would give.
-  await db.query(`
-    CREATE FUNCTION fail_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-      IF NEW.payload = 'doomed' THEN RAISE EXCEPTION 'refused at commit'; END IF;
-      RETURN NULL;
-    END $$;
-    CREATE CONSTRAINT TRIGGER fail_at_commit AFTER INSERT ON sse_gateway.events
-      DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_at_commit();
-  `)
+  await refuseAtCommit(db, 'doomed')
   const stream = await listen(t, gateway, 'c')
 
   const res = await publish(gateway, 'c', 'doomed')
@@ -118,8 +108,14 @@ t.test('when COMMIT fails the POST answers 503 and nothing is delivered', async 
     body: JSON.stringify({ events: [{ channel: 'c', data: 'fine' }, { channel: 'c', data: 'doomed' }] })
   })
   t.equal(batch.status, 503, 'a batch with one event failing at commit is refused whole')
-
   t.same(await upToSentinel(t, gateway, stream, 'c'), [], 'nothing of the failed commits arrived')
+
+  // Concurrent publishes may share a transaction; the one at fault fails alone.
+  const racing = await Promise.all(['kept 1', 'kept 2', 'doomed', 'kept 3', 'kept 4'].map(async (body) => (await publish(gateway, 'c', body)).status))
+  t.same(racing, [201, 201, 503, 201, 201], 'among concurrent POSTs only the doomed one fails')
+  const kept = await upToSentinel(t, gateway, stream, 'c')
+  t.same(kept.map((e) => e.data).filter((d) => !d.startsWith('sentinel')).sort(), ['kept 1', 'kept 2', 'kept 3', 'kept 4'], 'the others are delivered, the doomed one is not')
+
   const { rows } = await db.query<{ n: number }>("SELECT count(*)::int AS n FROM sse_gateway.events WHERE payload IN ('doomed', 'fine')")
   t.equal(rows[0]?.n, 0, 'and nothing is in the log')
 })

@@ -1,0 +1,166 @@
+import type pg from 'pg'
+import { type EventToPublish, publishBatch } from './event-log.js'
+
+/*
+ * Why publishes are committed in groups.
+ *
+ * PostgreSQL serialises every transaction that NOTIFYs: it takes one lock
+ * for the whole cluster before committing and holds it until the commit is
+ * done, WAL flush included, so that notifications queue in commit order. A
+ * transaction that also writes the event log must wait for that flush, so
+ * a database commits one publishing transaction per flush, however many
+ * clients publish at once (about 1.5 to 2 thousand a second on the machine
+ * of BENCHMARKS.md). A bare `SELECT pg_notify(...)` writes no WAL before its
+ * commit record and does not wait for the flush, which is why it goes faster
+ * and why it would not survive a crash.
+ *
+ * So the number of transactions is what to save. Publishes that arrive
+ * while earlier ones are committing wait, and go together in the next
+ * transaction: one call of sse_gateway.publish_batch with all their events,
+ * in arrival order. Under light load a publish goes out at once, alone; under
+ * heavy load each flush carries many. Each publish still gets what it asked
+ * for: its events commit together or not at all, with consecutive ids, and
+ * its promise resolves only after the COMMIT.
+ *
+ * When a group fails, what happens depends on why:
+ *  - the database refused an event: a value (SQLSTATE class 22), a constraint
+ *    (23) or a trigger that raised (P0). The transaction rolled back, so each
+ *    publish of the group is retried alone, and only the one at fault fails;
+ *  - anything else (a lost connection, a cancelled statement, a full disk):
+ *    every publish of the group fails with that error and none is retried.
+ *    Retried alone, each would fail the same way; and a connection lost
+ *    during COMMIT leaves the outcome unknown, where a retry could publish
+ *    twice. The client decides (an Idempotency-Key makes its retry safe).
+ *
+ * Hand-written: it is a queue and a loop around one SQL call, and no library
+ * of the node-postgres ecosystem batches statements into one transaction.
+ */
+
+export interface GroupPublisherOptions {
+  /** A group holds at most this many events (a single larger publish goes alone). */
+  maxEvents: number
+  /** A group holds at most this many payload bytes (a single larger publish goes alone). */
+  maxBytes: number
+}
+
+interface PendingPublish {
+  events: readonly EventToPublish[]
+  bytes: number
+  resolve: (ids: string[]) => void
+  reject: (err: unknown) => void
+}
+
+/** The database refused one of the events; the transaction rolled back and nothing else went wrong. */
+function refusedAnEvent (err: unknown): boolean {
+  const code = (err as { code?: unknown }).code
+  return typeof code === 'string' && /^(22|23|P0)/.test(code)
+}
+
+export class GroupPublisher {
+  readonly #pool: pg.Pool
+  readonly #maxEvents: number
+  readonly #maxBytes: number
+  #waiting: PendingPublish[] = []
+  #committing = false
+  #groups = 0
+  readonly #unsettled = new Set<Promise<string[]>>()
+
+  constructor (pool: pg.Pool, options: GroupPublisherOptions) {
+    this.#pool = pool
+    this.#maxEvents = options.maxEvents
+    this.#maxBytes = options.maxBytes
+  }
+
+  /** Transactions committed (or attempted) so far, retries included. */
+  get groups (): number {
+    return this.#groups
+  }
+
+  /**
+   * Publishes the events atomically, possibly in one transaction with other
+   * publishes. Resolves with their ids, in order, once committed.
+   */
+  publish (events: readonly EventToPublish[]): Promise<string[]> {
+    if (events.length === 0) return Promise.resolve([])
+    let bytes = 0
+    for (const e of events) bytes += Buffer.byteLength(e.payload)
+    const published = new Promise<string[]>((resolve, reject) => {
+      this.#waiting.push({ events, bytes, resolve, reject })
+    })
+    this.#unsettled.add(published)
+    published.then(() => this.#unsettled.delete(published), () => this.#unsettled.delete(published))
+    this.#startGroups()
+    // The promise itself, not an async wrapper: a caller's reactions run
+    // before drain()'s, which are added later.
+    return published
+  }
+
+  /** Resolves once every publish handed over so far has settled. */
+  async drain (): Promise<void> {
+    while (this.#unsettled.size > 0) await Promise.allSettled([...this.#unsettled])
+  }
+
+  // One group at a time: a second one would only wait in the database for
+  // the first one's lock, and the publishes arriving meanwhile would make
+  // two small groups instead of one large one (16 publishers straight on
+  // the pool, on the machine of BENCHMARKS.md: 6,500 publishes/s with two
+  // groups at a time, 12,600 with one).
+  #startGroups (): void {
+    if (this.#committing || this.#waiting.length === 0) return
+    this.#committing = true
+    // #commitGroup settles every publish of the group and never rejects.
+    this.#commitGroup(this.#takeGroup()).then(() => {
+      this.#committing = false
+      this.#startGroups()
+    }, () => {})
+  }
+
+  // The longest run of waiting publishes, in arrival order, within the
+  // limits; at least one.
+  #takeGroup (): PendingPublish[] {
+    let events = 0
+    let bytes = 0
+    let taken = 0
+    for (const pending of this.#waiting) {
+      if (taken > 0 && (events + pending.events.length > this.#maxEvents || bytes + pending.bytes > this.#maxBytes)) break
+      events += pending.events.length
+      bytes += pending.bytes
+      taken++
+    }
+    return this.#waiting.splice(0, taken)
+  }
+
+  async #commitGroup (group: PendingPublish[]): Promise<void> {
+    const only = group.length === 1 ? group[0] : undefined
+    if (only !== undefined) {
+      await this.#commitAlone(only)
+      return
+    }
+    let ids: string[]
+    try {
+      this.#groups++
+      ids = await publishBatch(this.#pool, group.flatMap((pending) => pending.events))
+    } catch (err) {
+      if (!refusedAnEvent(err)) {
+        for (const pending of group) pending.reject(err)
+        return
+      }
+      for (const pending of group) await this.#commitAlone(pending)
+      return
+    }
+    let offset = 0
+    for (const pending of group) {
+      pending.resolve(ids.slice(offset, offset + pending.events.length))
+      offset += pending.events.length
+    }
+  }
+
+  async #commitAlone (pending: PendingPublish): Promise<void> {
+    try {
+      this.#groups++
+      pending.resolve(await publishBatch(this.#pool, pending.events))
+    } catch (err) {
+      pending.reject(err)
+    }
+  }
+}

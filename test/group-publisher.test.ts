@@ -1,0 +1,157 @@
+import pg from 'pg'
+import t from 'tap'
+import { decodeNotification, migrate } from '../src/event-log.js'
+import { GroupPublisher } from '../src/group-publisher.js'
+import { connect, createDatabase, refuseAtCommit, waitFor, within } from './helper.js'
+
+const url = await createDatabase(t)
+const db = await connect(t, url)
+await migrate(db)
+
+const LIMITS = { maxEvents: 1000, maxBytes: 1024 * 1024 }
+
+function poolFor (t: Test, options: pg.PoolConfig = {}): pg.Pool {
+  const pool = new pg.Pool({ connectionString: url, max: 4, ...options })
+  t.teardown(() => pool.end())
+  return pool
+}
+
+type Test = Parameters<Parameters<typeof t.test>[0]>[0]
+
+/** The transaction id that wrote each event, by event id. */
+async function writers (ids: string[]): Promise<Map<string, string>> {
+  const { rows } = await db.query<{ id: string, xmin: string }>(
+    'SELECT id::text AS id, xmin::text AS xmin FROM sse_gateway.events WHERE id = ANY($1::bigint[])',
+    [ids]
+  )
+  return new Map(rows.map((r) => [r.id, r.xmin]))
+}
+
+function events (channel: string, ...payloads: string[]): Array<{ channel: string, payload: string }> {
+  return payloads.map((payload) => ({ channel, payload }))
+}
+
+function consecutive (ids: string[]): boolean {
+  return ids.every((id, i) => i === 0 || BigInt(id) === BigInt(ids[i - 1] as string) + 1n)
+}
+
+t.test('publishes that wait while one commits go together, in one transaction, in arrival order', async (t) => {
+  const listener = await connect(t, url)
+  const received: string[] = []
+  listener.on('notification', (m) => received.push(m.payload ?? ''))
+  await listener.query('LISTEN grouped')
+  const publisher = new GroupPublisher(poolFor(t), LIMITS)
+
+  // The first goes out at once; the other four arrive while it commits.
+  const publishes = [
+    publisher.publish(events('grouped', 'first')),
+    publisher.publish(events('grouped', 'a1', 'a2')),
+    publisher.publish(events('grouped', 'b1')),
+    publisher.publish(events('grouped', 'c1', 'c2', 'c3')),
+    publisher.publish(events('grouped', 'd1'))
+  ]
+  const ids = await Promise.all(publishes)
+  t.same(ids.map((i) => i.length), [1, 2, 1, 3, 1], 'each publish gets one id per event')
+  const all = ids.flat()
+  t.ok(consecutive(all), 'ids follow arrival order, with no gap')
+  t.equal(publisher.groups, 2, 'two transactions: the first alone, then the four that waited')
+
+  const writer = await writers(all)
+  const [firstTx, ...groupTxs] = all.map((id) => writer.get(id))
+  t.equal(new Set(groupTxs).size, 1, 'the four waiting publishes were written by one transaction')
+  t.not(firstTx, groupTxs[0], 'the first publish had its own')
+
+  await waitFor(() => received.length >= 8, 'eight notifications')
+  t.same(received.map((p) => decodeNotification(p)?.data), ['first', 'a1', 'a2', 'b1', 'c1', 'c2', 'c3', 'd1'], 'delivered in id order')
+  t.same(received.map((p) => decodeNotification(p)?.id), all, 'each with its id')
+})
+
+t.test('a group holds at most maxEvents events and maxBytes bytes; a larger publish goes alone', async (t) => {
+  const publisher = new GroupPublisher(poolFor(t), { maxEvents: 3, maxBytes: 10 })
+  const ids = await Promise.all([
+    publisher.publish(events('limits', 'x')),
+    publisher.publish(events('limits', 'a', 'b')),
+    publisher.publish(events('limits', 'c')), // fills the group to 3 events
+    publisher.publish(events('limits', 'd')), // would make 4: next group
+    publisher.publish(events('limits', '12345678901')), // 11 bytes: alone, though over maxBytes
+    publisher.publish(events('limits', 'e', 'f', 'g', 'h')) // 4 events: alone, though over maxEvents
+  ])
+  const writer = await writers(ids.flat())
+  const tx = (i: number): string | undefined => writer.get((ids[i] as string[])[0] as string)
+  t.equal(tx(1), tx(2), 'the second and third share a transaction')
+  t.equal(new Set([tx(0), tx(1), tx(3), tx(4), tx(5)]).size, 5, 'the others each have their own')
+  t.equal(publisher.groups, 5)
+  t.same(ids[5]?.length, 4, 'the oversized publish is whole')
+})
+
+t.test('a value the database refuses fails its own publish only: the group is retried one by one', async (t) => {
+  const listener = await connect(t, url)
+  const received: string[] = []
+  listener.on('notification', (m) => received.push(m.payload ?? ''))
+  await listener.query('LISTEN refused')
+  const publisher = new GroupPublisher(poolFor(t), LIMITS)
+
+  const first = publisher.publish(events('refused', 'first'))
+  const good1 = publisher.publish(events('refused', 'good 1'))
+  // PostgreSQL text cannot hold NUL: the database refuses it (SQLSTATE 22021).
+  const bad = publisher.publish(events('refused', 'fine', 'bad\u0000'))
+  const good2 = publisher.publish(events('refused', 'good 2'))
+  await t.rejects(bad, { code: '22021' }, 'the publish with the bad value fails with the database\'s code')
+  const ids = [...await first, ...await good1, ...await good2]
+  t.ok(consecutive(ids), 'the others commit, and the retry leaves no gap')
+  t.equal(publisher.groups, 5, 'the first, the failed group, then each of its three alone')
+
+  await waitFor(() => received.length >= 3, 'three notifications')
+  t.same(received.map((p) => decodeNotification(p)?.data), ['first', 'good 1', 'good 2'], 'nothing of the refused publish is delivered, not even its good half')
+  const { rows } = await db.query("SELECT payload FROM sse_gateway.events WHERE channel = 'refused' ORDER BY id")
+  t.same(rows.map((r) => r.payload), ['first', 'good 1', 'good 2'], 'nor logged')
+})
+
+t.test('an event a trigger refuses at COMMIT fails its own publish only', async (t) => {
+  t.teardown(await refuseAtCommit(db, 'doomed'))
+  const publisher = new GroupPublisher(poolFor(t), LIMITS)
+  const results = await Promise.allSettled([
+    publisher.publish(events('trigger', 'first')),
+    publisher.publish(events('trigger', 'kept')),
+    publisher.publish(events('trigger', 'doomed')),
+    publisher.publish(events('trigger', 'kept too'))
+  ])
+  t.same(results.map((r) => r.status), ['fulfilled', 'fulfilled', 'rejected', 'fulfilled'])
+  t.match(results[2], { reason: { code: 'P0001' } })
+  const { rows } = await db.query("SELECT payload FROM sse_gateway.events WHERE channel = 'trigger' ORDER BY id")
+  t.same(rows.map((r) => r.payload), ['first', 'kept', 'kept too'])
+})
+
+t.test('a group that fails for another reason fails whole and is not retried', async (t) => {
+  // A statement that waits longer than this is cancelled (SQLSTATE 57014):
+  // not the events' fault, so no publish of the group is tried again.
+  const publisher = new GroupPublisher(poolFor(t, { statement_timeout: 300 }), LIMITS)
+  const blocker = await connect(t, url)
+  await blocker.query('BEGIN')
+  await blocker.query('SELECT * FROM sse_gateway.log_head FOR UPDATE')
+  const before = (await db.query<{ n: string }>('SELECT count(*)::text AS n FROM sse_gateway.events')).rows[0]?.n
+
+  const results = await within(Promise.allSettled([
+    publisher.publish(events('cancelled', 'first')),
+    publisher.publish(events('cancelled', 'a')),
+    publisher.publish(events('cancelled', 'b'))
+  ]), 'the publishes to settle', 10_000)
+  await blocker.query('ROLLBACK')
+  t.same(results.map((r) => r.status), ['rejected', 'rejected', 'rejected'])
+  t.same(results.map((r) => r.status === 'rejected' ? (r.reason as { code?: string }).code : undefined), ['57014', '57014', '57014'], 'each with the cancellation')
+  t.equal(publisher.groups, 2, 'two transactions: the first, then the group; no retries')
+  const after = (await db.query<{ n: string }>('SELECT count(*)::text AS n FROM sse_gateway.events')).rows[0]?.n
+  t.equal(after, before, 'nothing logged')
+})
+
+t.test('an empty publish resolves at once; drain waits for every publish handed over', async (t) => {
+  const publisher = new GroupPublisher(poolFor(t), LIMITS)
+  t.same(await publisher.publish([]), [])
+  t.equal(publisher.groups, 0, 'no transaction for nothing')
+  await publisher.drain()
+
+  let settled = 0
+  for (let i = 0; i < 5; i++) publisher.publish(events('drained', String(i))).then(() => settled++, () => {})
+  await publisher.drain()
+  t.equal(settled, 5, 'all five had settled when drain resolved')
+})
