@@ -3,7 +3,7 @@ import { fileURLToPath } from 'node:url'
 import fastifyPostgres from '@fastify/postgres'
 import fastifyStatic from '@fastify/static'
 import fastifyUnderPressure from '@fastify/under-pressure'
-import Fastify, { type FastifyError, type FastifyInstance, type FastifyServerOptions } from 'fastify'
+import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify'
 import type { GatewayConfig } from './config.js'
 import { OverloadedError } from './errors.js'
 import { migrate } from './event-log.js'
@@ -22,6 +22,13 @@ import ticketsRoutes from './routes/tickets.js'
 export interface AppConfig extends GatewayConfig {
   readonly DATABASE_URL: string
   readonly JWT_SECRET: string
+}
+
+declare module 'fastify' {
+  interface FastifyContextConfig {
+    /** @fastify/under-pressure reads it from a route's config; its types do not declare it. */
+    pressureHandler?: (request: FastifyRequest, reply: FastifyReply, type: string, value: number | undefined) => Promise<void> | void
+  }
 }
 
 const PUBLIC_DIR = fileURLToPath(new URL('../public/', import.meta.url))

@@ -29,6 +29,27 @@ t.test('security headers on every answer, a CSP for the demo page', async (t) =>
     t.match(csp, directive, directive)
   }
   t.notMatch(csp, /unsafe-inline|unsafe-eval/, 'nothing inline')
+
+  // The API's answers carry the headers that mean something outside a
+  // document, and not the CSP and its kin.
+  const token = gateway.token({ publish: ['*'], subscribe: ['*'] })
+  const apiAnswers: Array<[string, Response]> = [
+    ['GET /healthz', await fetch(`${gateway.baseUrl}/healthz`)],
+    ['GET /readyz', await fetch(`${gateway.baseUrl}/readyz`)],
+    ['POST /channels/:channel', await publish(gateway, 'headers', 'x')],
+    ['POST /channels/:channel refused', await fetch(`${gateway.baseUrl}/channels/headers`, { method: 'POST', body: 'x' })],
+    ['POST /events', await fetch(`${gateway.baseUrl}/events`, { method: 'POST', headers: { 'content-type': 'application/json', authorization: `Bearer ${token}` }, body: JSON.stringify({ events: [{ channel: 'headers', data: 1 }] }) })],
+    ['POST /tickets', await fetch(`${gateway.baseUrl}/tickets`, { method: 'POST', headers: { 'content-type': 'application/json', authorization: `Bearer ${token}` }, body: JSON.stringify({ channels: ['headers'] }) })],
+    ['GET /status', await fetch(`${gateway.baseUrl}/status`)]
+  ]
+  for (const [route, res] of apiAnswers) {
+    t.equal(res.headers.get('x-content-type-options'), 'nosniff', `nosniff on ${route} (${res.status})`)
+    t.equal(res.headers.get('strict-transport-security'), 'max-age=31536000; includeSubDomains', `HSTS on ${route}`)
+    t.equal(res.headers.get('cross-origin-resource-policy'), 'same-origin', `CORP on ${route}`)
+    t.equal(res.headers.get('x-frame-options'), 'SAMEORIGIN', `x-frame-options on ${route}`)
+    t.equal(res.headers.get('content-security-policy'), null, `no CSP on ${route}`)
+    await res.arrayBuffer()
+  }
   const html = await page.text()
   t.notMatch(html, /<script(?![^>]*\bsrc=)[^>]*>|\sstyle=|\son[a-z]+=/i, 'the page has no inline script, style or handler the CSP would block')
 })

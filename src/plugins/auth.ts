@@ -132,6 +132,10 @@ export default fp<AuthPluginOptions>(async function authPlugin (app, options) {
       ...(issuer !== undefined ? { iss: issuer } : {})
     },
     verify: {
+      // Verified tokens are remembered (up to 1,000, each until it expires):
+      // a client publishing in a loop reuses its token, and the signature
+      // check was 11% of the CPU time of single-event publishes.
+      cache: true,
       algorithms: [algorithm],
       // fast-jwt checks aud and iss only when present: require them too.
       requiredClaims: required,

@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto'
 import fastifyCors from '@fastify/cors'
 import fastifyHelmet from '@fastify/helmet'
 import fastifyRateLimit from '@fastify/rate-limit'
-import type { FastifyRequest, onRequestAsyncHookHandler } from 'fastify'
+import type { FastifyReply, FastifyRequest, onRequestAsyncHookHandler } from 'fastify'
 import fp from 'fastify-plugin'
 import { TooManyRequestsError, UriTooLongError } from '../errors.js'
 import { StreamLimits } from '../stream-limits.js'
@@ -29,6 +29,34 @@ export interface SecurityPluginOptions {
   publishRateWindowMs: number
   cookieName: string
 }
+
+/*
+ * The security headers that mean something on an event stream and on a JSON
+ * answer: the rest of helmet's set (CSP, COOP, Origin-Agent-Cluster,
+ * Referrer-Policy, X-DNS-Prefetch-Control, X-Download-Options,
+ * X-Permitted-Cross-Domain-Policies, X-XSS-Protection) governs documents.
+ * Helmet keeps them for the demo page and anything else.
+ *
+ * A constant set through the reply, rather than @fastify/helmet on these
+ * routes, for two measured reasons: @fastify/helmet builds helmet's
+ * middleware afresh on every request (13% of the gateway's CPU time under
+ * single-event publishes, BENCHMARKS.md), and headers set on the raw
+ * response are kept in a per-response table for as long as a stream lives.
+ */
+export const API_SECURITY_HEADERS = {
+  'strict-transport-security': 'max-age=31536000; includeSubDomains',
+  'x-content-type-options': 'nosniff',
+  'cross-origin-resource-policy': 'same-origin',
+  'x-frame-options': 'SAMEORIGIN'
+}
+
+/** Route options for the API's routes: API_SECURITY_HEADERS instead of helmet. */
+export const API_ROUTE = {
+  helmet: false,
+  onRequest: async function apiSecurityHeaders (_request: FastifyRequest, reply: FastifyReply): Promise<void> {
+    reply.headers(API_SECURITY_HEADERS)
+  }
+} as const
 
 /**
  * The key a request is limited by: its token (hashed: keys are kept in

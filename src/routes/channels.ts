@@ -3,6 +3,7 @@ import type { FastifyInstance } from 'fastify'
 import type { GatewayConfig } from '../config.js'
 import { BadRequestError } from '../errors.js'
 import { checkChannelNames, checkPayload, publishAll, utf8BodyParser } from './publishing.js'
+import { API_ROUTE } from '../plugins/security.js'
 
 export interface ChannelsRoutesOptions {
   config: GatewayConfig
@@ -25,7 +26,8 @@ export default async function channelsRoutes (app: FastifyInstance, { config }: 
 
   app.withTypeProvider<TypeBoxTypeProvider>().post('/channels/:channel', {
     bodyLimit: config.MAX_PAYLOAD_BYTES,
-    onRequest: app.publishRateLimit,
+    helmet: API_ROUTE.helmet,
+    onRequest: [API_ROUTE.onRequest, app.publishRateLimit],
     schema: { params: ChannelParams }
   }, async (request, reply) => {
     const { channel } = request.params

@@ -7,6 +7,7 @@ import { EVENT_STREAM_HEADERS, EventStream, GATEWAY_EVENTS } from '../event-stre
 import { type LogBounds, readLogBounds, readReplayPage } from '../event-log.js'
 import { encodeEvent, encodeRetry } from '../sse.js'
 import { checkChannelNames, publishAll, toPayload, utf8BodyParser } from './publishing.js'
+import { API_ROUTE } from '../plugins/security.js'
 
 export interface EventsRoutesOptions {
   config: GatewayConfig
@@ -124,20 +125,6 @@ class ExpiryTimers {
   }
 }
 
-// The security headers that mean something on an event stream (and on the
-// JSON errors of GET /events): the rest of helmet's set (CSP, COOP,
-// Origin-Agent-Cluster, Referrer-Policy, X-DNS-Prefetch-Control,
-// X-Download-Options, X-Permitted-Cross-Domain-Policies, X-XSS-Protection)
-// governs documents, which a stream is not. Set through the reply rather than
-// by helmet on the raw response: headers set on the raw response are kept in
-// a per-response table (an array per header) for as long as the stream lives.
-const STREAM_SECURITY_HEADERS = {
-  'strict-transport-security': 'max-age=31536000; includeSubDomains',
-  'x-content-type-options': 'nosniff',
-  'cross-origin-resource-policy': 'same-origin',
-  'x-frame-options': 'SAMEORIGIN'
-}
-
 const BatchBody = Type.Object({
   events: Type.Array(Type.Object({
     channel: Type.String(),
@@ -158,8 +145,7 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
   routes.get('/events', {
     schema: { querystring: StreamQuery },
     exposeHeadRoute: false,
-    helmet: false,
-    onRequest: async (_request, reply) => { reply.headers(STREAM_SECURITY_HEADERS) }
+    ...API_ROUTE
   }, async (request, reply) => {
     const channels = [...new Set(request.query.channel)]
     if (channels.length > config.MAX_CHANNELS_PER_STREAM) {
@@ -247,7 +233,8 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
 
   routes.post('/events', {
     bodyLimit: config.MAX_BATCH_BYTES,
-    onRequest: app.publishRateLimit,
+    helmet: API_ROUTE.helmet,
+    onRequest: [API_ROUTE.onRequest, app.publishRateLimit],
     schema: { body: BatchBody }
   }, async (request, reply) => {
     const { events } = request.body

@@ -4,6 +4,7 @@ import { ForbiddenError, UnauthorizedError, UnavailableError } from '../errors.j
 import { type LogBounds, readLogBounds } from '../event-log.js'
 import type { GatewayClaims } from '../plugins/auth.js'
 import { pollingLogLevel } from '../logging.js'
+import { API_ROUTE } from '../plugins/security.js'
 
 export interface StatusRoutesOptions {
   config: GatewayConfig
@@ -29,7 +30,7 @@ async function authorizeOperator (request: FastifyRequest): Promise<void> {
 export default async function statusRoutes (app: FastifyInstance, { config }: StatusRoutesOptions): Promise<void> {
   const startedAt = new Date()
 
-  app.get('/status', { logLevel: pollingLogLevel(app) }, async (request) => {
+  app.get('/status', { ...API_ROUTE, logLevel: pollingLogLevel(app) }, async (request) => {
     await authorizeOperator(request)
     let log: LogBounds
     try {

@@ -4,6 +4,7 @@ import type { GatewayConfig } from '../config.js'
 import { BadRequestError, UnavailableError } from '../errors.js'
 import { issueTicket } from '../tickets.js'
 import { checkChannelNames } from './publishing.js'
+import { API_ROUTE } from '../plugins/security.js'
 
 export interface TicketsRoutesOptions {
   config: GatewayConfig
@@ -21,7 +22,8 @@ const TicketBody = Type.Object({
 export default async function ticketsRoutes (app: FastifyInstance, { config }: TicketsRoutesOptions): Promise<void> {
   app.withTypeProvider<TypeBoxTypeProvider>().post('/tickets', {
     bodyLimit: 16 * 1024,
-    onRequest: app.ticketRateLimit,
+    helmet: API_ROUTE.helmet,
+    onRequest: [API_ROUTE.onRequest, app.ticketRateLimit],
     schema: { body: TicketBody }
   }, async (request, reply) => {
     const channels = [...new Set(request.body.channels)]
