@@ -77,6 +77,22 @@ function flushSlice (): void {
   line = []
   head = 0
   flushScheduled = false
+  lastJoined = []
+  lastChunk = undefined
+}
+
+// Streams on the same channels queue the same frames (the same Buffers), so
+// consecutive flushes usually join the same list: the chunk made for one
+// stream serves the next ones, instead of each copying the same bytes.
+let lastJoined: Buffer[] = []
+let lastChunk: Buffer | undefined
+
+function joinFrames (frames: Buffer[], bytes: number): Buffer {
+  if (frames.length === 1) return frames[0] as Buffer
+  if (lastChunk !== undefined && frames.length === lastJoined.length && frames.every((frame, i) => frame === lastJoined[i])) return lastChunk
+  lastJoined = frames
+  lastChunk = Buffer.concat(frames, bytes)
+  return lastChunk
 }
 
 function enqueue (stream: EventStream): void {
@@ -217,7 +233,7 @@ export class EventStream implements EventSink {
     }
     const pending = this.#pending
     if (this.#options.tally !== undefined) this.#options.tally.bytesWritten += this.#pendingBytes
-    const chunk = pending.length === 1 ? pending[0] as Buffer : Buffer.concat(pending, this.#pendingBytes)
+    const chunk = joinFrames(pending, this.#pendingBytes)
     this.#pending = []
     this.#pendingBytes = 0
     // Corked here, the response does not cork the socket itself and defer

@@ -153,6 +153,29 @@ t.test('the same Buffer may go to many streams, each keeping its own order', asy
   for (const [, client] of pairs) t.equal(client.body, expected)
 })
 
+t.test('streams flushed in a row with different frames each get their own', async (t) => {
+  const { open } = await serve(t)
+  const pairs = await Promise.all([open(), open(), open(), open()])
+  for (const [served] of pairs) served.stream.release()
+  const [a, b, c, d] = pairs.map(([served]) => served.stream) as [EventStream, EventStream, EventStream, EventStream]
+  const x = frame(1)
+  const y = frame(2)
+  const z = frame(3, 'event 2') // as long as y
+  // In the flush line in this order: a and c queue the same Buffers, b the
+  // same first one and another of the same length, d the same ones plus one.
+  a.write(x, 1); b.write(x, 1); c.write(x, 1); d.write(x, 1)
+  a.write(y, 2); b.write(z, 3); c.write(y, 2); d.write(y, 2)
+  d.write(frame(4), 4)
+  const expected = [
+    x.toString() + y.toString(),
+    x.toString() + z.toString(),
+    x.toString() + y.toString(),
+    x.toString() + y.toString() + frame(4).toString()
+  ].map((body) => 'retry: 1000\n\n' + body)
+  for (const [i, [, client]] of pairs.entries()) await until(() => client.body.length >= (expected[i] as string).length, `stream ${i}`)
+  t.same(pairs.map(([, client]) => client.body), expected)
+})
+
 t.test('ids only grow: an event at or below the last id is dropped', async (t) => {
   const { open } = await serve(t)
   const [served, client] = await open()
