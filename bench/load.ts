@@ -168,28 +168,3 @@ export async function publishEvents (target: Target, channel: string, count: num
   poster.close()
   return { firstSentAt, errors }
 }
-
-/** Sends requests back to back on `concurrency` connections for `seconds`; resolves with requests/s and failures. */
-export async function sustain (host: string, port: number, seconds: number, concurrency: number, makeRequest: (i: number) => { path: string, headers: Record<string, string>, body: string }): Promise<{ perSecond: number, requests: number, failures: number, firstFailure: string | undefined }> {
-  const poster = new Poster(host, port, concurrency)
-  let requests = 0
-  let failures = 0
-  let firstFailure: string | undefined
-  let i = 0
-  const start = now()
-  const end = start + seconds * 1000
-  await Promise.all(Array.from({ length: concurrency }, async () => {
-    while (now() < end) {
-      const { path, headers, body } = makeRequest(i++)
-      const res = await poster.post(path, headers, body)
-      if (res.status >= 200 && res.status <= 299) requests++
-      else {
-        failures++
-        firstFailure ??= `${res.status} ${res.body.slice(0, 200)}`
-      }
-    }
-  }))
-  const elapsed = (now() - start) / 1000
-  poster.close()
-  return { perSecond: requests / elapsed, requests, failures, firstFailure }
-}

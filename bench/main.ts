@@ -8,8 +8,9 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { parseArgs } from 'node:util'
 import pg from 'pg'
 import { now, quantile } from './histogram.js'
-import { type Delivery, openSubscribers, payload, Poster, publishEvents, sustain } from './load.js'
+import { type Delivery, openSubscribers, payload, Poster, publishEvents } from './load.js'
 import { type GatewayTarget, rssBytes, startGateway, startNchan, type Target } from './targets.js'
+import { ensureWrk, runWrk, type WrkOptions, type WrkRun } from './wrk.js'
 
 const { values: args } = parseArgs({
   options: {
@@ -37,6 +38,7 @@ const FAN_OUT_BATCH = Number(args['fan-out-batch'])
 const WORKERS = Number(args['subscriber-workers'])
 const PUBLISH_SECONDS = Number(args['publish-seconds'])
 const FLOOD_BYTES = Number(args['flood-mb']) * 1024 * 1024
+const WARM_UP_SECONDS = 3
 const GATEWAY_PORT = 3917
 const NCHAN_PORT = 3918
 
@@ -106,8 +108,10 @@ async function measureFanOut (target: Target, channel: string, batch = 1): Promi
 interface Publish {
   singlePerSecond: number
   singleFailures: number
+  singleEventsPerTransaction: number
   batchEventsPerSecond: number
   batchFailures: number
+  batchEventsPerTransaction: number
   pgbenchPerSecond: number
   pgbenchPublishPerSecond: number
   pgbenchPublishAsyncPerSecond: number
@@ -127,34 +131,58 @@ function pgbenchPath (): string {
 
 async function measurePublish (gateway: GatewayTarget): Promise<Publish> {
   const pgbench = pgbenchPath()
+  ensureWrk(log)
   const body = payload(0, SIZE)
-  const single = await sustain(gateway.host, gateway.port, PUBLISH_SECONDS, 16, () => ({ ...gateway.publishRequest('bench_pub'), body }))
-  log(`gateway: single-event POSTs ${single.perSecond.toFixed(0)}/s${single.failures > 0 ? `, ${single.failures} failed: ${single.firstFailure ?? ''}` : ''}`)
+  // wrk and pgbench alike: 16 connections on 2 threads, for PUBLISH_SECONDS,
+  // after WARM_UP_SECONDS of the same load unmeasured: a fresh process makes
+  // its first seconds' POSTs at about half the rate it reaches once the JIT
+  // has compiled the route (measured: 2,700-4,900/s in the first two seconds,
+  // then 4,600-9,300/s).
+  const load = { seconds: PUBLISH_SECONDS, connections: 16, threads: 2 }
+  const measured = async (options: Omit<WrkOptions, keyof typeof load>): Promise<WrkRun & { eventsPerTransaction: number }> => {
+    runWrk({ ...load, ...options, seconds: WARM_UP_SECONDS })
+    const before = await publishCounts(gateway)
+    const run = runWrk({ ...load, ...options })
+    const after = await publishCounts(gateway)
+    return { ...run, eventsPerTransaction: (after.events - before.events) / (after.transactions - before.transactions) }
+  }
+  // The same NOTIFY, as raw as it gets: one statement per transaction. Run
+  // before and after the gateway's runs, and averaged, since the machine's
+  // speed drifts.
+  const script = '/tmp/pgsse-bench-notify.sql'
+  const runPgbench = (sql: string, env: NodeJS.ProcessEnv = {}): number => {
+    writeFileSync(script, sql)
+    const out = execFileSync(pgbench, ['-n', '-f', script, '-c', '16', '-j', '2', '-T', String(PUBLISH_SECONDS), gateway.databaseUrl], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } }).toString()
+    return Number(/tps = ([0-9.]+)/.exec(out)?.[1] ?? NaN)
+  }
+  const notifySql = `SELECT pg_notify('bench_pub', '${body}');\n`
+  const tpsBefore = runPgbench(notifySql)
+  const singleRequest = gateway.publishRequest('bench_pub')
+  const single = await measured({ url: `http://${gateway.host}:${gateway.port}${singleRequest.path}`, headers: singleRequest.headers, body })
+  log(`gateway: single-event POSTs ${single.perSecond.toFixed(0)}/s, ${single.eventsPerTransaction.toFixed(1)} events per transaction${single.failures > 0 ? `, ${single.failures} failed` : ''}`)
   const batch = JSON.stringify({ events: Array.from({ length: 100 }, (_, i) => ({ channel: 'bench_pub', data: payload(i, SIZE) })) })
-  const batches = await sustain(gateway.host, gateway.port, PUBLISH_SECONDS, 16, () => ({
-    path: '/events',
+  const batches = await measured({
+    url: `http://${gateway.host}:${gateway.port}/events`,
     headers: { 'content-type': 'application/json', authorization: `Bearer ${gateway.token}` },
     body: batch
-  }))
-  log(`gateway: batch POSTs of 100 ${(batches.perSecond * 100).toFixed(0)} events/s${batches.failures > 0 ? `, ${batches.failures} failed: ${batches.firstFailure ?? ''}` : ''}`)
-  // The same NOTIFY, as raw as it gets: one statement per transaction.
-  const script = '/tmp/pgsse-bench-notify.sql'
-  writeFileSync(script, `SELECT pg_notify('bench_pub', '${body}');\n`)
-  const out = execFileSync(pgbench, ['-n', '-f', script, '-c', '16', '-j', '2', '-T', String(PUBLISH_SECONDS), gateway.databaseUrl], { stdio: ['ignore', 'pipe', 'pipe'] }).toString()
-  const tps = Number(/tps = ([0-9.]+)/.exec(out)?.[1] ?? NaN)
-  log(`pgbench: SELECT pg_notify(...) ${tps.toFixed(0)} tps`)
-  // What bounds the gateway's publishes: the log's own function, alone, and
-  // without waiting for the WAL flush (which it does holding the log's lock).
-  writeFileSync(script, `SELECT sse_gateway.publish('bench_pub', '${body}');\n`)
-  const pgbenchPublish = (env: NodeJS.ProcessEnv): number => Number(/tps = ([0-9.]+)/.exec(execFileSync(pgbench, ['-n', '-f', script, '-c', '16', '-j', '2', '-T', String(PUBLISH_SECONDS), gateway.databaseUrl], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } }).toString())?.[1] ?? NaN)
-  const logTps = pgbenchPublish({})
-  const logTpsAsync = pgbenchPublish({ PGOPTIONS: '-c synchronous_commit=off' })
+  })
+  log(`gateway: batch POSTs of 100 ${(batches.perSecond * 100).toFixed(0)} events/s, ${batches.eventsPerTransaction.toFixed(1)} events per transaction${batches.failures > 0 ? `, ${batches.failures} failed` : ''}`)
+  const tpsAfter = runPgbench(notifySql)
+  const tps = (tpsBefore + tpsAfter) / 2
+  log(`pgbench: SELECT pg_notify(...) ${tpsBefore.toFixed(0)} tps before, ${tpsAfter.toFixed(0)} after`)
+  // What publishing would be without group commit: each publish its own
+  // transaction, waiting for the WAL flush; and the same without the wait.
+  const publishSql = `SELECT sse_gateway.publish('bench_pub', '${body}');\n`
+  const logTps = runPgbench(publishSql)
+  const logTpsAsync = runPgbench(publishSql, { PGOPTIONS: '-c synchronous_commit=off' })
   log(`pgbench: SELECT sse_gateway.publish(...) ${logTps.toFixed(0)} tps; with synchronous_commit=off ${logTpsAsync.toFixed(0)} tps`)
   return {
     singlePerSecond: single.perSecond,
     singleFailures: single.failures,
+    singleEventsPerTransaction: single.eventsPerTransaction,
     batchEventsPerSecond: batches.perSecond * 100,
     batchFailures: batches.failures,
+    batchEventsPerTransaction: batches.eventsPerTransaction,
     pgbenchPerSecond: tps,
     pgbenchPublishPerSecond: logTps,
     pgbenchPublishAsyncPerSecond: logTpsAsync
@@ -225,6 +253,13 @@ async function measureFlood (gateway: GatewayTarget): Promise<Flood> {
   }
   log(`gateway flood: ${result.megabytes.toFixed(0)} MiB in ${events} events; RSS growth ${result.rssGrowthMiB.toFixed(1)} MiB; others complete ${result.othersComplete}; stalled cut off ${result.stalledCutOff}; resumed complete ${result.resumedComplete}`)
   return result
+}
+
+/** Events published and the transactions they took, so far. */
+async function publishCounts (gateway: GatewayTarget): Promise<{ events: number, transactions: number }> {
+  const text = await gateway.metrics()
+  const read = (name: string): number => Number(new RegExp(`^${name} (\\d+)`, 'm').exec(text)?.[1] ?? NaN)
+  return { events: read('pgsse_events_published_total'), transactions: read('pgsse_publish_transactions_total') }
 }
 
 async function cutOffCount (gateway: GatewayTarget): Promise<number> {
@@ -307,9 +342,11 @@ function table ({ machine, command, nchan, gateway }: Results): string {
     rows.push(
       ['pgbench SELECT pg_notify(...) tps', '', p.pgbenchPerSecond.toFixed(0), '', ''],
       ['single-event POST /channels/:c per s', '', p.singlePerSecond.toFixed(0), `${(100 * p.singlePerSecond / p.pgbenchPerSecond).toFixed(0)}% of pgbench`, '≥ 60%'],
-      ['  bound: pgbench SELECT sse_gateway.publish(...) tps', '', p.pgbenchPublishPerSecond.toFixed(0), `${(100 * p.pgbenchPublishPerSecond / p.pgbenchPerSecond).toFixed(0)}% of pgbench`, ''],
-      ['  bound: the same, synchronous_commit=off', '', p.pgbenchPublishAsyncPerSecond.toFixed(0), `${(100 * p.pgbenchPublishAsyncPerSecond / p.pgbenchPerSecond).toFixed(0)}% of pgbench`, ''],
+      ['  events per transaction (group commit)', '', p.singleEventsPerTransaction.toFixed(1), '', ''],
+      ['  without group commit: pgbench SELECT sse_gateway.publish(...) tps', '', p.pgbenchPublishPerSecond.toFixed(0), `${(100 * p.pgbenchPublishPerSecond / p.pgbenchPerSecond).toFixed(0)}% of pgbench`, ''],
+      ['    the same, synchronous_commit=off', '', p.pgbenchPublishAsyncPerSecond.toFixed(0), `${(100 * p.pgbenchPublishAsyncPerSecond / p.pgbenchPerSecond).toFixed(0)}% of pgbench`, ''],
       ['batch POST /events (100 per POST) events/s', '', p.batchEventsPerSecond.toFixed(0), '', '≥ 100,000'],
+      ['  events per transaction (group commit)', '', p.batchEventsPerTransaction.toFixed(1), '', ''],
       [`flood ${f.megabytes.toFixed(0)} MiB, 1 stalled + 20 readers: RSS growth (MiB)`, '', f.rssGrowthMiB.toFixed(1), '', '< 150'],
       ['  readers got every event / stalled cut off / resumed whole', '', `${f.othersComplete ? 'yes' : 'NO'} / ${f.stalledCutOff ? 'yes' : 'NO'} / ${f.resumedComplete ? 'yes' : 'NO'}`, '', 'yes / yes / yes']
     )

@@ -150,17 +150,22 @@ export async function startGateway ({ adminUrl, port, env = {}, nodeArgs = [], l
 
 const NCHAN_MODULE = '/usr/lib/nginx/modules/ngx_nchan_module.so'
 
+/** Installs Debian packages with apt-get (updating the index if the first try fails). */
+export function aptInstall (packages: string[], log: (line: string) => void): void {
+  log(`installing ${packages.join(' and ')} with apt-get`)
+  const run = (args: string[]): void => { execFileSync('apt-get', args, { stdio: 'inherit', env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' } }) }
+  try {
+    run(['install', '-y', '--no-install-recommends', ...packages])
+  } catch {
+    run(['update'])
+    run(['install', '-y', '--no-install-recommends', ...packages])
+  }
+}
+
 /** Installs nginx and Nchan from Debian's packages when they are missing. */
 export function ensureNchan (log: (line: string) => void): void {
   if (existsSync('/usr/sbin/nginx') && existsSync(NCHAN_MODULE)) return
-  log('installing nginx and libnginx-mod-nchan with apt-get')
-  const run = (args: string[]): void => { execFileSync('apt-get', args, { stdio: 'inherit', env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' } }) }
-  try {
-    run(['install', '-y', '--no-install-recommends', 'nginx', 'libnginx-mod-nchan'])
-  } catch {
-    run(['update'])
-    run(['install', '-y', '--no-install-recommends', 'nginx', 'libnginx-mod-nchan'])
-  }
+  aptInstall(['nginx', 'libnginx-mod-nchan'], log)
 }
 
 export async function startNchan ({ port, log }: { port: number, log: (line: string) => void }): Promise<Target> {

@@ -33,6 +33,7 @@ t.test('GET /metrics is Prometheus text with the gateway figures', async (t) => 
   t.equal(response.statusCode, 200)
   t.match(response.headers['content-type'], /^text\/plain/)
   t.match(response.body, /^pgsse_events_published_total 1$/m)
+  t.match(response.body, /^pgsse_publish_transactions_total 1$/m, 'in one transaction')
   t.match(response.body, /^pgsse_events_delivered_total 1$/m)
   t.match(response.body, /^pgsse_events_received_total\{kind="logged"\} 1$/m)
   t.match(response.body, /^pgsse_listener_connected 1$/m)

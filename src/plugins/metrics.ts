@@ -11,6 +11,7 @@ export interface GatewayMetrics {
   notifyQueueUsage: Gauge
   listenerReconnects: Counter
   eventsPublished: Counter
+  publishTransactions: Counter
   eventsReceived: Counter<'kind'>
   eventsDelivered: Counter
   eventsReplayed: Counter
@@ -40,6 +41,7 @@ export default fp(async function metricsPlugin (app) {
   const registry = new Registry()
   const streamTally: StreamTally = { bytesWritten: 0 }
   let bytesReported = 0
+  let transactionsReported = 0
   collectDefaultMetrics({ register: registry, prefix: 'pgsse_process_' })
   // Gauges of state held elsewhere are read when scraped, not kept in step.
   const metrics: GatewayMetrics = {
@@ -82,6 +84,16 @@ export default fp(async function metricsPlugin (app) {
     streamsCutOff: new Counter({ name: 'pgsse_streams_cut_off_total', help: 'Streams ended because the client did not read fast enough', registers: [registry] }),
     framesDropped: new Counter({ name: 'pgsse_frames_dropped_total', help: 'Event frames thrown away with the streams cut off (their clients resume from the log)', registers: [registry] }),
     streamTally,
+    publishTransactions: new Counter({
+      name: 'pgsse_publish_transactions_total',
+      help: 'Transactions that published events without an Idempotency-Key (concurrent publishes share one; events_published / this is the mean group)',
+      registers: [registry],
+      collect () {
+        const committed = app.hasDecorator('publisher') ? app.publisher.groups : 0
+        this.inc(committed - transactionsReported)
+        transactionsReported = committed
+      }
+    }),
     bytesWritten: new Counter({
       name: 'pgsse_bytes_written_total',
       help: 'Bytes of events written to streams',
