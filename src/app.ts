@@ -31,6 +31,8 @@ declare module 'fastify' {
   }
 }
 
+const POOL_CONNECTION_TIMEOUT_MS = 5000
+
 const PUBLIC_DIR = fileURLToPath(new URL('../public/', import.meta.url))
 
 /** Hides the token a URL may carry (EventSource sends it as ?access_token=). */
@@ -85,14 +87,15 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
   await app.register(fastifyPostgres, {
     connectionString: config.DATABASE_URL,
     max: config.PG_POOL_SIZE,
-    connectionTimeoutMillis: 5000,
+    connectionTimeoutMillis: POOL_CONNECTION_TIMEOUT_MS,
     application_name: 'pg-sse-gateway:pool'
   })
   // An idle client whose backend dies emits 'error' on the pool; unhandled,
   // that would end the process.
   app.pg.pool.on('error', (err) => app.log.warn({ err: { message: err.message } }, 'idle database client lost'))
 
-  await app.register(publisherPlugin, { maxEvents: config.MAX_BATCH_EVENTS, maxBytes: config.MAX_BATCH_BYTES })
+  // A publish waits for its group no longer than for a pool connection.
+  await app.register(publisherPlugin, { maxEvents: config.MAX_BATCH_EVENTS, maxBytes: config.MAX_BATCH_BYTES, maxWaitMs: POOL_CONNECTION_TIMEOUT_MS })
 
   const client = await app.pg.connect()
   try {

@@ -249,12 +249,12 @@ export class IdempotencyConflictError extends Error {
  */
 export async function publishBatch (db: pg.Pool | pg.ClientBase, events: readonly EventToPublish[]): Promise<string[]> {
   if (events.length === 0) return []
-  const { rows } = await db.query<{ ids: string[] }>({
-    // Named: each connection parses and plans it once.
-    name: 'sse_gateway.publish_batch',
-    text: `SELECT ${LOG_SCHEMA}.publish_batch($1::text[], $2::text[])::text[] AS ids`,
-    values: [events.map((e) => e.channel), events.map((e) => e.payload)]
-  })
+  // Not a named statement: those break behind PgBouncer's transaction
+  // pooling, and measured no faster here.
+  const { rows } = await db.query<{ ids: string[] }>(
+    `SELECT ${LOG_SCHEMA}.publish_batch($1::text[], $2::text[])::text[] AS ids`,
+    [events.map((e) => e.channel), events.map((e) => e.payload)]
+  )
   return rows[0]?.ids ?? []
 }
 

@@ -9,8 +9,8 @@ import { type EventToPublish, publishBatch } from './event-log.js'
  * done, WAL flush included, so that notifications queue in commit order. A
  * transaction that also writes the event log must wait for that flush, so
  * a database commits one publishing transaction per flush, however many
- * clients publish at once (about 1.5 to 2 thousand a second on the machine
- * of BENCHMARKS.md). A bare `SELECT pg_notify(...)` writes no WAL before its
+ * clients publish at once (1,000 to 2,000 a second on the machine of
+ * BENCHMARKS.md). A bare `SELECT pg_notify(...)` writes no WAL before its
  * commit record and does not wait for the flush, which is why it goes faster
  * and why it would not survive a crash.
  *
@@ -41,11 +41,24 @@ export interface GroupPublisherOptions {
   maxEvents: number
   /** A group holds at most this many payload bytes (a single larger publish goes alone). */
   maxBytes: number
+  /**
+   * A publish still waiting for its group after this long fails with
+   * PublishQueueTimeoutError, never having been sent: when the database
+   * stalls (a lock held, a lost server), publishes fail instead of piling up.
+   */
+  maxWaitMs: number
+}
+
+export class PublishQueueTimeoutError extends Error {
+  override name = 'PublishQueueTimeoutError'
+  /** Not a SQLSTATE: nothing reached the database. */
+  readonly code = 'GW_PUBLISH_QUEUE_TIMEOUT'
 }
 
 interface PendingPublish {
   events: readonly EventToPublish[]
   bytes: number
+  queuedAt: number
   resolve: (ids: string[]) => void
   reject: (err: unknown) => void
 }
@@ -60,6 +73,8 @@ export class GroupPublisher {
   readonly #pool: pg.Pool
   readonly #maxEvents: number
   readonly #maxBytes: number
+  readonly #maxWaitMs: number
+  #expiryTimer: NodeJS.Timeout | undefined
   #waiting: PendingPublish[] = []
   #committing = false
   #groups = 0
@@ -69,6 +84,7 @@ export class GroupPublisher {
     this.#pool = pool
     this.#maxEvents = options.maxEvents
     this.#maxBytes = options.maxBytes
+    this.#maxWaitMs = options.maxWaitMs
   }
 
   /** Transactions committed (or attempted) so far, retries included. */
@@ -85,11 +101,12 @@ export class GroupPublisher {
     let bytes = 0
     for (const e of events) bytes += Buffer.byteLength(e.payload)
     const published = new Promise<string[]>((resolve, reject) => {
-      this.#waiting.push({ events, bytes, resolve, reject })
+      this.#waiting.push({ events, bytes, queuedAt: performance.now(), resolve, reject })
     })
     this.#unsettled.add(published)
     published.then(() => this.#unsettled.delete(published), () => this.#unsettled.delete(published))
     this.#startGroups()
+    this.#watchOldest()
     // The promise itself, not an async wrapper: a caller's reactions run
     // before drain()'s, which are added later.
     return published
@@ -113,6 +130,22 @@ export class GroupPublisher {
       this.#committing = false
       this.#startGroups()
     }, () => {})
+  }
+
+  // One timer, for the oldest waiting publish (the queue is in arrival
+  // order): it fails those past maxWaitMs, then watches the next one.
+  #watchOldest (): void {
+    const oldest = this.#waiting[0]
+    if (this.#expiryTimer !== undefined || oldest === undefined) return
+    this.#expiryTimer = setTimeout(() => {
+      this.#expiryTimer = undefined
+      const now = performance.now()
+      while (this.#waiting[0] !== undefined && now - this.#waiting[0].queuedAt >= this.#maxWaitMs) {
+        this.#waiting.shift()?.reject(new PublishQueueTimeoutError(`waited ${this.#maxWaitMs} ms for the database`))
+      }
+      this.#watchOldest()
+    }, Math.max(0, oldest.queuedAt + this.#maxWaitMs - performance.now()))
+    this.#expiryTimer.unref()
   }
 
   // The longest run of waiting publishes, in arrival order, within the

@@ -8,7 +8,7 @@ const url = await createDatabase(t)
 const db = await connect(t, url)
 await migrate(db)
 
-const LIMITS = { maxEvents: 1000, maxBytes: 1024 * 1024 }
+const LIMITS = { maxEvents: 1000, maxBytes: 1024 * 1024, maxWaitMs: 30_000 }
 
 function poolFor (t: Test, options: pg.PoolConfig = {}): pg.Pool {
   const pool = new pg.Pool({ connectionString: url, max: 4, ...options })
@@ -67,7 +67,7 @@ t.test('publishes that wait while one commits go together, in one transaction, i
 })
 
 t.test('a group holds at most maxEvents events and maxBytes bytes; a larger publish goes alone', async (t) => {
-  const publisher = new GroupPublisher(poolFor(t), { maxEvents: 3, maxBytes: 10 })
+  const publisher = new GroupPublisher(poolFor(t), { ...LIMITS, maxEvents: 3, maxBytes: 10 })
   const ids = await Promise.all([
     publisher.publish(events('limits', 'x')),
     publisher.publish(events('limits', 'a', 'b')),
@@ -142,6 +142,22 @@ t.test('a group that fails for another reason fails whole and is not retried', a
   t.equal(publisher.groups, 2, 'two transactions: the first, then the group; no retries')
   const after = (await db.query<{ n: string }>('SELECT count(*)::text AS n FROM sse_gateway.events')).rows[0]?.n
   t.equal(after, before, 'nothing logged')
+})
+
+t.test('a publish that waits longer than maxWaitMs for its group fails, never sent', async (t) => {
+  const publisher = new GroupPublisher(poolFor(t), { ...LIMITS, maxWaitMs: 200 })
+  const blocker = await connect(t, url)
+  await blocker.query('BEGIN')
+  await blocker.query('SELECT * FROM sse_gateway.log_head FOR UPDATE')
+  const first = publisher.publish(events('stalled', 'first')) // sent, waits for the lock
+  const queued = publisher.publish(events('stalled', 'queued')) // waits behind it
+  await t.rejects(within(queued, 'the queued publish to fail', 5000), { name: 'PublishQueueTimeoutError', code: 'GW_PUBLISH_QUEUE_TIMEOUT' })
+  await blocker.query('ROLLBACK')
+  const [id] = await first
+  t.ok(id, 'the publish that was sent commits once the lock is free')
+  t.equal(publisher.groups, 1, 'the queued one never reached the database')
+  const { rows } = await db.query("SELECT payload FROM sse_gateway.events WHERE channel = 'stalled'")
+  t.same(rows.map((r) => r.payload), ['first'])
 })
 
 t.test('an empty publish resolves at once; drain waits for every publish handed over', async (t) => {
