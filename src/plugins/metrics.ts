@@ -86,7 +86,7 @@ export default fp(async function metricsPlugin (app) {
     streamTally,
     publishTransactions: new Counter({
       name: 'pgsse_publish_transactions_total',
-      help: 'Transactions that published events without an Idempotency-Key (concurrent publishes share one; events_published / this is the mean group)',
+      help: 'Transactions run by publishes without an Idempotency-Key, retries included (concurrent publishes share one; events_published / this is the mean group)',
       registers: [registry],
       collect () {
         const committed = app.hasDecorator('publisher') ? app.publisher.groups : 0
