@@ -128,6 +128,24 @@ t.test('migrate', async (t) => {
     t.equal(BigInt(second), BigInt(first) + 1n, 'the id sequence goes on where it was')
   })
 
+  t.test('upgrades a log written by an older version, keeping its events and ids', async (t) => {
+    const url = await createDatabase(t)
+    const client = await connect(t, url)
+    await migrate(client, 3)
+    const old = [await publishSql(client, 'upgrade', 'one'), await publishSql(client, 'upgrade', 'two')]
+    await migrate(client)
+    t.same(await readEvents(client, old), [{ id: old[0], channel: 'upgrade', payload: 'one' }, { id: old[1], channel: 'upgrade', payload: 'two' }], 'the events survive')
+    t.equal(await publishSql(client, 'upgrade', 'three'), String(BigInt(old[1] as string) + 1n), 'the ids go on')
+    const { rows: [column] } = await client.query<{ collation: string }>(
+      "SELECT collation_name AS collation FROM information_schema.columns WHERE table_schema = 'sse_gateway' AND table_name = 'events' AND column_name = 'channel'"
+    )
+    t.equal(column?.collation, 'C', 'channel names compare byte by byte')
+    const { rows: [index] } = await client.query<{ method: string }>(
+      "SELECT am.amname AS method FROM pg_class c JOIN pg_am am ON am.oid = c.relam WHERE c.relname = 'events_created_at'"
+    )
+    t.equal(index?.method, 'brin', 'created_at has a BRIN index')
+  })
+
   t.test('is safe when run concurrently from several connections', async (t) => {
     const url = await createDatabase(t)
     const clients = await Promise.all([1, 2, 3, 4].map(() => connect(t, url)))
