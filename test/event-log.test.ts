@@ -1,7 +1,7 @@
 import pg from 'pg'
 import t from 'tap'
 import { INLINE_PAYLOAD_BYTES, SCHEMA_VERSION, decodeNotification, migrate, publishEvents, readEvents } from '../src/event-log.js'
-import { connect, createDatabase } from './helper.js'
+import { connect, consecutive, createDatabase } from './helper.js'
 
 interface Teardown {
   teardown (fn: () => unknown): void
@@ -70,10 +70,6 @@ async function waitFor (check: () => Promise<boolean>, what: string): Promise<vo
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
     await new Promise((resolve) => setTimeout(resolve, 5))
   }
-}
-
-function consecutive (ids: string[]): boolean {
-  return ids.every((id, i) => i === 0 || BigInt(id) === BigInt(ids[i - 1] as string) + 1n)
 }
 
 // The log tests share one database, migrated once; the migration tests make their own.

@@ -2,7 +2,7 @@ import pg from 'pg'
 import t from 'tap'
 import { decodeNotification, migrate } from '../src/event-log.js'
 import { GroupPublisher } from '../src/group-publisher.js'
-import { connect, createDatabase, refuseAtCommit, waitFor, within } from './helper.js'
+import { connect, consecutive, createDatabase, refuseAtCommit, type Test, waitFor, within } from './helper.js'
 
 const url = await createDatabase(t)
 const db = await connect(t, url)
@@ -16,8 +16,6 @@ function poolFor (t: Test, options: pg.PoolConfig = {}): pg.Pool {
   return pool
 }
 
-type Test = Parameters<Parameters<typeof t.test>[0]>[0]
-
 /** The transaction id that wrote each event, by event id. */
 async function writers (ids: string[]): Promise<Map<string, string>> {
   const { rows } = await db.query<{ id: string, xmin: string }>(
@@ -29,10 +27,6 @@ async function writers (ids: string[]): Promise<Map<string, string>> {
 
 function events (channel: string, ...payloads: string[]): Array<{ channel: string, payload: string }> {
   return payloads.map((payload) => ({ channel, payload }))
-}
-
-function consecutive (ids: string[]): boolean {
-  return ids.every((id, i) => i === 0 || BigInt(id) === BigInt(ids[i - 1] as string) + 1n)
 }
 
 t.test('publishes that wait while one commits go together, in one transaction, in arrival order', async (t) => {

@@ -280,6 +280,11 @@ export async function errorBody (t: Test, res: Response, statusCode: number): Pr
 }
 
 /** A seeded generator (mulberry32) of numbers in [0, 1): a failing run can be replayed with its seed. */
+/** Event ids that follow each other with no gap. */
+export function consecutive (ids: readonly string[]): boolean {
+  return ids.every((id, i) => i === 0 || BigInt(id) === BigInt(ids[i - 1] as string) + 1n)
+}
+
 export function seededRandom (seed: number): () => number {
   let a = seed >>> 0
   return () => {
