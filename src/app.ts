@@ -32,6 +32,12 @@ declare module 'fastify' {
 }
 
 const POOL_CONNECTION_TIMEOUT_MS = 5000
+// Every statement on the pool is short; one that waits longer than this (a
+// lock held elsewhere, a stalled standby) is cancelled by the server, which
+// rolls it back, so a publish stuck in the database fails with a definite
+// outcome instead of holding up every publish behind it. Migrations and
+// pruning lift it for themselves.
+const POOL_STATEMENT_TIMEOUT_MS = 10_000
 
 const PUBLIC_DIR = fileURLToPath(new URL('../public/', import.meta.url))
 
@@ -88,6 +94,9 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
     connectionString: config.DATABASE_URL,
     max: config.PG_POOL_SIZE,
     connectionTimeoutMillis: POOL_CONNECTION_TIMEOUT_MS,
+    statement_timeout: POOL_STATEMENT_TIMEOUT_MS,
+    // A server gone without a reset is noticed by TCP, not only by a timeout.
+    keepAlive: true,
     application_name: 'pg-sse-gateway:pool'
   })
   // An idle client whose backend dies emits 'error' on the pool; unhandled,

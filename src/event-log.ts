@@ -161,6 +161,9 @@ const MIGRATIONS: readonly string[] = [
     IF n = 0 THEN
       RETURN ARRAY[]::bigint[];
     END IF;
+    IF array_ndims(channels) <> 1 OR array_ndims(payloads) <> 1 OR array_lower(channels, 1) <> 1 OR array_lower(payloads, 1) <> 1 THEN
+      RAISE EXCEPTION 'channels and payloads must be one-dimensional arrays indexed from 1' USING ERRCODE = '22023';
+    END IF;
     SELECT c INTO bad FROM unnest(channels) AS c
     WHERE c IS NULL OR octet_length(c) NOT BETWEEN 1 AND 63 OR c ~ '[^A-Za-z0-9_.:-]'
     LIMIT 1;
@@ -185,11 +188,6 @@ const MIGRATIONS: readonly string[] = [
     RETURN ARRAY(SELECT first_id + k FROM generate_series(0, n - 1) AS k);
   END
   $fn$;
-
-  -- The log is appended in time order: a BRIN index finds old events for
-  -- retention as well as a B-tree did, at next to no cost per insert.
-  DROP INDEX ${LOG_SCHEMA}.events_created_at;
-  CREATE INDEX events_created_at ON ${LOG_SCHEMA}.events USING brin (created_at);
   `,
   `
   -- Channel names are ASCII: compared byte by byte they sort the same, and
@@ -213,6 +211,11 @@ const MIGRATION_LOCK_KEY = 0x5e5e_0001
 export async function migrate (client: pg.ClientBase, toVersion = SCHEMA_VERSION): Promise<void> {
   await client.query('BEGIN')
   try {
+    // A migration may rebuild an index of a large log: no statement timeout.
+    // But it must not queue forever behind a long transaction, with every
+    // publish and replay of running instances queued behind it: it fails,
+    // and the gateway with it, to be started again later.
+    await client.query("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = '10s'")
     await client.query('SELECT pg_advisory_xact_lock($1)', [MIGRATION_LOCK_KEY])
     await client.query(`CREATE SCHEMA IF NOT EXISTS ${LOG_SCHEMA}`)
     await client.query(`CREATE TABLE IF NOT EXISTS ${LOG_SCHEMA}.schema_version (version integer NOT NULL)`)
@@ -424,6 +427,8 @@ export async function pruneLog (pool: pg.Pool, policy: RetentionPolicy): Promise
   const client = await pool.connect()
   try {
     await client.query('BEGIN')
+    // Deleting a large backlog may take longer than the pool's statement timeout.
+    await client.query('SET LOCAL statement_timeout = 0')
     const { rows: [lock] } = await client.query<{ locked: boolean }>('SELECT pg_try_advisory_xact_lock($1) AS locked', [PRUNE_LOCK_KEY])
     if (lock?.locked !== true) {
       await client.query('ROLLBACK')
