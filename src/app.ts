@@ -11,7 +11,7 @@ import authPlugin from './plugins/auth.js'
 import gatewayPlugin from './plugins/gateway.js'
 import metricsPlugin from './plugins/metrics.js'
 import publisherPlugin from './plugins/publisher.js'
-import securityPlugin from './plugins/security.js'
+import securityPlugin, { API_SECURITY_HEADERS } from './plugins/security.js'
 import channelsRoutes from './routes/channels.js'
 import eventsRoutes from './routes/events.js'
 import healthRoutes from './routes/health.js'
@@ -81,6 +81,9 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
     // expected under strain: a warning, without a stack per request.
     if (statusCode >= 500 && !exposed) request.log.error({ err }, 'request failed')
     else if (statusCode >= 500) request.log.warn({ code: err.code, message: err.message }, 'request refused')
+    // A refusal from a global hook (URL too long, overloaded) comes before
+    // the route's own hook that sets the API's security headers.
+    if (!reply.hasHeader('x-content-type-options')) reply.headers(API_SECURITY_HEADERS)
     let message = exposed ? err.message : 'Internal Server Error'
     if (err.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE') message = 'unsupported content type: send application/json or text/plain'
     reply.code(statusCode).send({ statusCode, error: STATUS_CODES[statusCode] ?? 'Error', message })

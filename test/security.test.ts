@@ -186,6 +186,8 @@ t.test('header and URL sizes', async (t) => {
   t.match(JSON.parse(bigAnswer.body), { statusCode: 431, error: /./, message: /./ })
   const longUrl = await fetch(`${gateway.baseUrl}/healthz?pad=${'p'.repeat(2000)}`)
   await errorBody(t, longUrl, 414)
+  t.equal(longUrl.headers.get('x-content-type-options'), 'nosniff', 'refused before its route\'s hooks, an API answer keeps its security headers')
+  t.equal(longUrl.headers.get('strict-transport-security'), 'max-age=31536000; includeSubDomains')
   const channels = Array.from({ length: 200 }, (_, i) => `channel${i}`)
   await errorBody(t, await fetch(streamUrl(gateway.baseUrl, channels), { headers: bearer(gateway) }), 414)
   await stillServing(t, gateway)
