@@ -1,50 +1,10 @@
 import pg from 'pg'
 import t from 'tap'
 import { INLINE_PAYLOAD_BYTES, SCHEMA_VERSION, decodeNotification, migrate, publishEvents, readEvents } from '../src/event-log.js'
-import { connect, consecutive, createDatabase } from './helper.js'
+import { connect, consecutive, createDatabase, listenOn } from './helper.js'
 
 interface Teardown {
   teardown (fn: () => unknown): void
-}
-
-// Notifications as a plain LISTENing client sees them, with a way to wait for
-// a condition on them instead of sleeping.
-class Inbox {
-  readonly messages: pg.Notification[] = []
-  #waiters: Array<() => void> = []
-
-  constructor (client: pg.Client) {
-    client.on('notification', (m) => {
-      this.messages.push(m)
-      const waiters = this.#waiters
-      this.#waiters = []
-      for (const w of waiters) w()
-    })
-  }
-
-  payloads (channel: string): string[] {
-    return this.messages.filter((m) => m.channel === channel).map((m) => m.payload ?? '')
-  }
-
-  /** Resolves once `predicate` holds; rejects after 10 s so a failure names what was missing. */
-  async until (predicate: () => boolean, what: string): Promise<void> {
-    const deadline = Date.now() + 10_000
-    while (!predicate()) {
-      const left = deadline - Date.now()
-      if (left <= 0) throw new Error(`timed out waiting for ${what}; got ${JSON.stringify(this.messages.map((m) => [m.channel, m.payload]))}`)
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, left)
-        this.#waiters.push(() => { clearTimeout(timer); resolve() })
-      })
-    }
-  }
-}
-
-async function listenOn (t: Teardown, url: string, ...channels: string[]): Promise<Inbox> {
-  const client = await connect(t, url)
-  const inbox = new Inbox(client)
-  for (const c of channels) await client.query(`LISTEN ${client.escapeIdentifier(c)}`)
-  return inbox
 }
 
 function poolFor (t: Teardown, url: string): pg.Pool {

@@ -2,7 +2,7 @@ import pg from 'pg'
 import t from 'tap'
 import { decodeNotification, migrate } from '../src/event-log.js'
 import { GroupPublisher } from '../src/group-publisher.js'
-import { connect, consecutive, createDatabase, refuseAtCommit, type Test, waitFor, within } from './helper.js'
+import { connect, consecutive, createDatabase, listenOn, refuseAtCommit, type Test, within } from './helper.js'
 
 const url = await createDatabase(t)
 const db = await connect(t, url)
@@ -30,10 +30,7 @@ function events (channel: string, ...payloads: string[]): Array<{ channel: strin
 }
 
 t.test('publishes that wait while one commits go together, in one transaction, in arrival order', async (t) => {
-  const listener = await connect(t, url)
-  const received: string[] = []
-  listener.on('notification', (m) => received.push(m.payload ?? ''))
-  await listener.query('LISTEN grouped')
+  const inbox = await listenOn(t, url, 'grouped')
   const publisher = new GroupPublisher(poolFor(t), LIMITS)
 
   // The first goes out at once; the other four arrive while it commits.
@@ -55,7 +52,8 @@ t.test('publishes that wait while one commits go together, in one transaction, i
   t.equal(new Set(groupTxs).size, 1, 'the four waiting publishes were written by one transaction')
   t.not(firstTx, groupTxs[0], 'the first publish had its own')
 
-  await waitFor(() => received.length >= 8, 'eight notifications')
+  await inbox.until(() => inbox.messages.length >= 8, 'eight notifications')
+  const received = inbox.payloads('grouped')
   t.same(received.map((p) => decodeNotification(p)?.data), ['first', 'a1', 'a2', 'b1', 'c1', 'c2', 'c3', 'd1'], 'delivered in id order')
   t.same(received.map((p) => decodeNotification(p)?.id), all, 'each with its id')
 })
@@ -78,11 +76,8 @@ t.test('a group holds at most maxEvents events and maxBytes bytes; a larger publ
   t.same(ids[5]?.length, 4, 'the oversized publish is whole')
 })
 
-t.test('a value the database refuses fails its own publish only: the group is retried one by one', async (t) => {
-  const listener = await connect(t, url)
-  const received: string[] = []
-  listener.on('notification', (m) => received.push(m.payload ?? ''))
-  await listener.query('LISTEN refused')
+t.test('a value the database refuses fails its own publish only: the group is split down to it', async (t) => {
+  const inbox = await listenOn(t, url, 'refused')
   const publisher = new GroupPublisher(poolFor(t), LIMITS)
 
   const first = publisher.publish(events('refused', 'first'))
@@ -95,7 +90,8 @@ t.test('a value the database refuses fails its own publish only: the group is re
   t.ok(consecutive(ids), 'the others commit, and the retry leaves no gap')
   t.equal(publisher.groups, 6, 'the first; the failed group of three; its first half of two, failing; each of that half alone; the second half')
 
-  await waitFor(() => received.length >= 3, 'three notifications')
+  await inbox.until(() => inbox.messages.length >= 3, 'three notifications')
+  const received = inbox.payloads('refused')
   t.same(received.map((p) => decodeNotification(p)?.data), ['first', 'good 1', 'good 2'], 'nothing of the refused publish is delivered, not even its good half')
   const { rows } = await db.query("SELECT payload FROM sse_gateway.events WHERE channel = 'refused' ORDER BY id")
   t.same(rows.map((r) => r.payload), ['first', 'good 1', 'good 2'], 'nor logged')

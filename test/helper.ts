@@ -280,6 +280,47 @@ export async function errorBody (t: Test, res: Response, statusCode: number): Pr
 }
 
 /** A seeded generator (mulberry32) of numbers in [0, 1): a failing run can be replayed with its seed. */
+// Notifications as a plain LISTENing client sees them, with a way to wait for
+// a condition on them instead of sleeping.
+export class Inbox {
+  readonly messages: pg.Notification[] = []
+  #waiters: Array<() => void> = []
+
+  constructor (client: pg.Client) {
+    client.on('notification', (m) => {
+      this.messages.push(m)
+      const waiters = this.#waiters
+      this.#waiters = []
+      for (const w of waiters) w()
+    })
+  }
+
+  payloads (channel: string): string[] {
+    return this.messages.filter((m) => m.channel === channel).map((m) => m.payload ?? '')
+  }
+
+  /** Resolves once `predicate` holds; rejects after 10 s so a failure names what was missing. */
+  async until (predicate: () => boolean, what: string): Promise<void> {
+    const deadline = Date.now() + 10_000
+    while (!predicate()) {
+      const left = deadline - Date.now()
+      if (left <= 0) throw new Error(`timed out waiting for ${what}; got ${JSON.stringify(this.messages.map((m) => [m.channel, m.payload]))}`)
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, left)
+        this.#waiters.push(() => { clearTimeout(timer); resolve() })
+      })
+    }
+  }
+}
+
+/** A plain client LISTENing on the channels, ended when the test ends. */
+export async function listenOn (t: Teardown, url: string, ...channels: string[]): Promise<Inbox> {
+  const client = await connect(t, url)
+  const inbox = new Inbox(client)
+  for (const c of channels) await client.query(`LISTEN ${client.escapeIdentifier(c)}`)
+  return inbox
+}
+
 /** Event ids that follow each other with no gap. */
 export function consecutive (ids: readonly string[]): boolean {
   return ids.every((id, i) => i === 0 || BigInt(id) === BigInt(ids[i - 1] as string) + 1n)
