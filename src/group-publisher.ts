@@ -80,7 +80,8 @@ export class GroupPublisher {
   #waiting: PendingPublish[] = []
   #committing = false
   #groups = 0
-  readonly #unsettled = new Set<Promise<string[]>>()
+  // drain()'s waiters, told when no group commits and none waits.
+  #idle: Array<() => void> = []
 
   constructor (pool: pg.Pool, options: GroupPublisherOptions) {
     this.#pool = pool
@@ -105,18 +106,19 @@ export class GroupPublisher {
     const published = new Promise<string[]>((resolve, reject) => {
       this.#waiting.push({ events, bytes, queuedAt: performance.now(), resolve, reject })
     })
-    this.#unsettled.add(published)
-    published.then(() => this.#unsettled.delete(published), () => this.#unsettled.delete(published))
     this.#startGroups()
     this.#watchOldest()
-    // The promise itself, not an async wrapper: a caller's reactions run
-    // before drain()'s, which are added later.
+    // The promise itself, not an async wrapper: a caller's reactions are
+    // queued when it settles, before drain() hears that the group is done.
     return published
   }
 
   /** Resolves once every publish handed over so far has settled. */
   async drain (): Promise<void> {
-    while (this.#unsettled.size > 0) await Promise.allSettled([...this.#unsettled])
+    // A waiting publish means a group is committing (#startGroups starts
+    // one whenever none is), so that flag alone tells whether work is left.
+    if (!this.#committing) return
+    await new Promise<void>((resolve) => this.#idle.push(resolve))
   }
 
   // One group at a time: a second one would only wait in the database for
@@ -135,6 +137,10 @@ export class GroupPublisher {
     }).finally(() => {
       this.#committing = false
       this.#startGroups()
+      if (this.#committing) return
+      const idle = this.#idle
+      this.#idle = []
+      for (const resolve of idle) resolve()
     })
   }
 
@@ -173,7 +179,7 @@ export class GroupPublisher {
     let ids: string[]
     try {
       this.#groups++
-      ids = await publishBatch(this.#pool, group.length === 1 ? (group[0] as PendingPublish).events : group.flatMap((pending) => pending.events))
+      ids = await publishBatch(this.#pool, group.flatMap((pending) => pending.events))
     } catch (err) {
       if (group.length > 1 && refusedAnEvent(err)) {
         const half = Math.ceil(group.length / 2)
