@@ -1,20 +1,15 @@
 // Failures of the listener connection, and of the server itself, proved
 // through real streams on a real PostgreSQL: nothing committed is lost,
 // nothing arrives twice, and the gateway recovers by itself.
-import { once } from 'node:events'
 import { chmod, mkdtemp, rm } from 'node:fs/promises'
-import { type AddressInfo, createServer, type Server, type Socket, connect as connectTcp } from 'node:net'
 import os from 'node:os'
 import path from 'node:path'
 import type pg from 'pg'
 import t from 'tap'
 import { type EmbeddedDatabase, startEmbeddedPostgres } from '../src/embedded-postgres.js'
 import { type ConnectedInfo, LISTENER_APPLICATION_NAME, type ListenerConnection } from '../src/listener.js'
+import { startProxy } from './tcp-proxy.js'
 import { connect, createDatabase, openStream, published, type ReceivedEvent, startGateway, type StreamClient, streamUrl, subscriber, type TestGateway, waitForData, within } from './helper.js'
-
-interface Teardown {
-  teardown (fn: () => unknown): void
-}
 
 /** Publishes with SQL on `db`, bypassing the gateway; returns the id. */
 async function publishSql (db: pg.Client, channel: string, payload: string): Promise<string> {
@@ -115,79 +110,6 @@ t.test('a listener backend killed mid-stream loses no event and delivers none tw
   await eventually(async () => await readyStatus(gateway) === 200, '/readyz to answer 200')
   t.equal(await readyStatus(gateway), 200, '/readyz answers 200 again')
 })
-
-interface Pair {
-  client: Socket
-  upstream: Socket
-  frozen: boolean
-  /** Bytes swallowed since the pair was frozen. */
-  dropped: number
-}
-
-/**
- * A TCP proxy that can go silent on chosen connections: frozen, a pair
- * forwards nothing and closes nothing, in either direction, like a network
- * that drops packets. Connections opened later are forwarded normally.
- */
-class FreezableProxy {
-  readonly pairs: Pair[] = []
-  readonly #server: Server
-  readonly #target: { host: string, port: number }
-
-  constructor (target: { host: string, port: number }) {
-    this.#target = target
-    this.#server = createServer((client) => this.#accept(client))
-  }
-
-  async listen (): Promise<number> {
-    this.#server.listen(0, '127.0.0.1')
-    await once(this.#server, 'listening')
-    return (this.#server.address() as AddressInfo).port
-  }
-
-  #accept (client: Socket): void {
-    const upstream = connectTcp(this.#target.port, this.#target.host)
-    const pair: Pair = { client, upstream, frozen: false, dropped: 0 }
-    this.pairs.push(pair)
-    const forward = (from: Socket, to: Socket): void => {
-      from.on('data', (chunk: Buffer) => {
-        if (pair.frozen) pair.dropped += chunk.length
-        else to.write(chunk)
-      })
-      from.on('error', () => {})
-      from.on('close', () => {
-        if (!pair.frozen) to.destroy()
-      })
-    }
-    forward(client, upstream)
-    forward(upstream, client)
-  }
-
-  /** Freezes the pair whose upstream socket has this local port. */
-  freezeByUpstreamPort (port: number): Pair {
-    const pair = this.pairs.find((p) => p.upstream.localPort === port)
-    if (pair === undefined) throw new Error(`no proxied connection from port ${port}`)
-    pair.frozen = true
-    return pair
-  }
-
-  async close (): Promise<void> {
-    for (const { client, upstream } of this.pairs) {
-      client.destroy()
-      upstream.destroy()
-    }
-    await new Promise<void>((resolve) => this.#server.close(() => resolve()))
-  }
-}
-
-async function startProxy (t: Teardown, target: string): Promise<{ proxy: FreezableProxy, url: string }> {
-  const url = new URL(target)
-  const proxy = new FreezableProxy({ host: url.hostname, port: Number(url.port === '' ? 5432 : url.port) })
-  const port = await proxy.listen()
-  t.teardown(() => proxy.close())
-  url.host = `127.0.0.1:${port}`
-  return { proxy, url: url.toString() }
-}
 
 t.test('a half-open listener connection is noticed within the liveness timeout and nothing is lost', async (t) => {
   const INTERVAL = 200

@@ -1,0 +1,82 @@
+// A TCP proxy for fault tests: it forwards to a PostgreSQL server (or any
+// TCP service) and can go silent on chosen connections, as a partitioned
+// network does, without a FIN or a RST.
+import { once } from 'node:events'
+import { type AddressInfo, createServer, type Server, type Socket, connect as connectTcp } from 'node:net'
+
+interface Teardown {
+  teardown (fn: () => unknown): void
+}
+
+export interface Pair {
+  client: Socket
+  upstream: Socket
+  frozen: boolean
+  /** Bytes swallowed since the pair was frozen. */
+  dropped: number
+}
+
+/**
+ * A TCP proxy that can go silent on chosen connections: frozen, a pair
+ * forwards nothing and closes nothing, in either direction, like a network
+ * that drops packets. Connections opened later are forwarded normally.
+ */
+export class FreezableProxy {
+  readonly pairs: Pair[] = []
+  readonly #server: Server
+  readonly #target: { host: string, port: number }
+
+  constructor (target: { host: string, port: number }) {
+    this.#target = target
+    this.#server = createServer((client) => this.#accept(client))
+  }
+
+  async listen (): Promise<number> {
+    this.#server.listen(0, '127.0.0.1')
+    await once(this.#server, 'listening')
+    return (this.#server.address() as AddressInfo).port
+  }
+
+  #accept (client: Socket): void {
+    const upstream = connectTcp(this.#target.port, this.#target.host)
+    const pair: Pair = { client, upstream, frozen: false, dropped: 0 }
+    this.pairs.push(pair)
+    const forward = (from: Socket, to: Socket): void => {
+      from.on('data', (chunk: Buffer) => {
+        if (pair.frozen) pair.dropped += chunk.length
+        else to.write(chunk)
+      })
+      from.on('error', () => {})
+      from.on('close', () => {
+        if (!pair.frozen) to.destroy()
+      })
+    }
+    forward(client, upstream)
+    forward(upstream, client)
+  }
+
+  /** Freezes the pair whose upstream socket has this local port. */
+  freezeByUpstreamPort (port: number): Pair {
+    const pair = this.pairs.find((p) => p.upstream.localPort === port)
+    if (pair === undefined) throw new Error(`no proxied connection from port ${port}`)
+    pair.frozen = true
+    return pair
+  }
+
+  async close (): Promise<void> {
+    for (const { client, upstream } of this.pairs) {
+      client.destroy()
+      upstream.destroy()
+    }
+    await new Promise<void>((resolve) => this.#server.close(() => resolve()))
+  }
+}
+
+export async function startProxy (t: Teardown, target: string): Promise<{ proxy: FreezableProxy, url: string }> {
+  const url = new URL(target)
+  const proxy = new FreezableProxy({ host: url.hostname, port: Number(url.port === '' ? 5432 : url.port) })
+  const port = await proxy.listen()
+  t.teardown(() => proxy.close())
+  url.host = `127.0.0.1:${port}`
+  return { proxy, url: url.toString() }
+}
