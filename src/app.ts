@@ -133,7 +133,9 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
     issuer: config.JWT_ISSUER,
     publicChannels: config.publicChannels,
     cookieName: config.TOKEN_COOKIE,
-    trustedOrigins: config.corsOrigins
+    trustedOrigins: config.corsOrigins,
+    maxTokenLifetimeSeconds: config.MAX_TOKEN_LIFETIME_SECONDS,
+    clockToleranceSeconds: config.CLOCK_TOLERANCE_SECONDS
   })
   await app.register(securityPlugin, {
     corsOrigins: config.corsOrigins,
