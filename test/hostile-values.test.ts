@@ -1,6 +1,6 @@
 import t from 'tap'
 import { errorBody, openStream, startGateway, streamUrl, type TestGateway, within } from './helper.js'
-import { stillServing } from './security-helper.js'
+import { loggingGateway, rawExchange, stillServing } from './security-helper.js'
 
 const postJson = async (gateway: TestGateway, path: string, body: string, token = gateway.token({ publish: ['*'] })): Promise<Response> =>
   await fetch(gateway.baseUrl + path, { method: 'POST', headers: { 'content-type': 'application/json', authorization: `Bearer ${token}` }, body })
@@ -64,5 +64,43 @@ t.test('a __proto__ or constructor.prototype key is a 400 on both publishing rou
     await errorBody(t, await postJson(gateway, '/events', `{"events":[{"channel":"proto","data":${data}}]}`), 400)
   }
   t.equal((await postJson(gateway, '/channels/proto', '{"constructor":1,"prototype":2,"proto":3}')).status, 201, 'the words alone are fine')
+  await stillServing(t, gateway)
+})
+
+t.test('a token under an encoded access_token name, or in a URL the router refuses, never reaches a log or an answer', async (t) => {
+  const { gateway, lines } = await loggingGateway(t)
+  const { baseUrl } = gateway
+  const token = gateway.token({ subscribe: ['elsewhere'] })
+
+  // The query parser decodes names: these reach the route as access_token,
+  // and the token is read (403: it does not cover the channel).
+  for (const name of ['access%5Ftoken', '%61ccess_token', '%61ccess%5ftoken', 'access_token']) {
+    await errorBody(t, await fetch(`${baseUrl}/events?channel=a&${name}=${token}`), 403)
+  }
+  await errorBody(t, await fetch(`${baseUrl}/events?channel=a&access%5Ftoken=${token}x&%zz=1`), 401)
+
+  // The router cannot decode the path: before, Fastify's own 400 repeated
+  // the URL, token and all, without the API's headers.
+  const raw = await rawExchange(baseUrl, `GET /events%zz?channel=a&access_token=${token} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  const [head = '', body = ''] = raw.split('\r\n\r\n')
+  t.match(head, /^HTTP\/1\.1 400 /, 'a 400')
+  t.match(head, /\r\nx-content-type-options: nosniff\r\n/i, 'with the API\'s headers')
+  t.match(head, /\r\nstrict-transport-security: /i)
+  t.match(head, /\r\ncontent-type: application\/json/i)
+  const answer = JSON.parse(body) as Record<string, unknown>
+  t.same(Object.keys(answer).sort(), ['error', 'message', 'statusCode'], 'in the API\'s error format')
+  t.match(answer, { statusCode: 400, error: 'Bad Request', message: /URL/ })
+  t.notMatch(body, /eyJ|events%zz|%zz/, 'repeating nothing of the URL')
+
+  // Fastify's parser errors quoted the body; ours say what is wrong.
+  const notJson = await fetch(`${baseUrl}/events`, { method: 'POST', headers: { 'content-type': 'application/json', authorization: `Bearer ${gateway.token({ publish: ['*'] })}` }, body: token })
+  t.notMatch(JSON.stringify(await errorBody(t, notJson, 400)), /eyJ/, 'a body that is not JSON is not quoted')
+  const empty = await fetch(`${baseUrl}/events`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '' })
+  await errorBody(t, empty, 400)
+
+  const log = lines.join('')
+  t.match(log, /\[redacted\]/, 'the parameters were logged, redacted')
+  t.notMatch(log, token.slice(0, 40), 'no token in the logs')
+  t.notMatch(log, token.split('.')[2] as string, 'nor its signature')
   await stillServing(t, gateway)
 })
