@@ -84,6 +84,9 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
     // A refusal from a global hook (URL too long, overloaded) comes before
     // the route's own hook that sets the API's security headers.
     if (!reply.hasHeader('x-content-type-options')) reply.headers(API_SECURITY_HEADERS)
+    // As Fastify's own handler does: an error may carry headers (Retry-After).
+    const { headers } = err as { headers?: Record<string, string> }
+    if (headers !== undefined) reply.headers(headers)
     let message = exposed ? err.message : 'Internal Server Error'
     if (err.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE') message = 'unsupported content type: send application/json or text/plain'
     reply.code(statusCode).send({ statusCode, error: STATUS_CODES[statusCode] ?? 'Error', message })
@@ -133,7 +136,9 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
     issuer: config.JWT_ISSUER,
     publicChannels: config.publicChannels,
     cookieName: config.TOKEN_COOKIE,
-    trustedOrigins: config.corsOrigins
+    trustedOrigins: config.corsOrigins,
+    maxFailedAttempts: config.AUTH_FAILURE_MAX,
+    failedAttemptsWindowMs: config.AUTH_FAILURE_WINDOW_MS
   })
   await app.register(securityPlugin, {
     corsOrigins: config.corsOrigins,
@@ -141,8 +146,7 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
     maxStreamsPerAddress: config.MAX_STREAMS_PER_IP,
     maxStreams: config.MAX_STREAMS,
     publishRateMax: config.PUBLISH_RATE_MAX,
-    publishRateWindowMs: config.PUBLISH_RATE_WINDOW_MS,
-    cookieName: config.TOKEN_COOKIE
+    publishRateWindowMs: config.PUBLISH_RATE_WINDOW_MS
   })
   // After the security plugin: its headers and limits cover the static files too.
   await app.register(fastifyStatic, { root: PUBLIC_DIR })
