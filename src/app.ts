@@ -134,11 +134,11 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
     publicKey: config.jwtPublicKey,
     audience: config.JWT_AUDIENCE,
     issuer: config.JWT_ISSUER,
+    maxFailedAttempts: config.AUTH_FAILURE_MAX,
+    failedAttemptsWindowMs: config.AUTH_FAILURE_WINDOW_MS,
     publicChannels: config.publicChannels,
     cookieName: config.TOKEN_COOKIE,
-    trustedOrigins: config.corsOrigins,
-    maxFailedAttempts: config.AUTH_FAILURE_MAX,
-    failedAttemptsWindowMs: config.AUTH_FAILURE_WINDOW_MS
+    trustedOrigins: config.corsOrigins
   })
   await app.register(securityPlugin, {
     corsOrigins: config.corsOrigins,

@@ -64,15 +64,15 @@ export interface AuthPluginOptions {
   audience?: string | undefined
   /** When set, a token must carry this `iss`. */
   issuer?: string | undefined
+  /** Failed token or ticket attempts an address may make per window (default 100). */
+  maxFailedAttempts?: number
+  /** That window, in milliseconds (default 60 s). */
+  failedAttemptsWindowMs?: number
   publicChannels: ChannelPatterns
   /** The cookie a browser may carry the token in. */
   cookieName?: string
   /** Origins allowed to publish with a cookie (besides the gateway's own). */
   trustedOrigins?: readonly string[]
-  /** Failed token or ticket attempts an address may make per window (default 100). */
-  maxFailedAttempts?: number
-  /** That window, in milliseconds (default 60 s). */
-  failedAttemptsWindowMs?: number
 }
 
 /**
@@ -141,10 +141,10 @@ const JWT_ERRORS: Record<string, string> = {
 
 export default fp<AuthPluginOptions>(async function authPlugin (app, options) {
   const { publicChannels, audience, issuer } = options
+  const failedAttempts = new FailedAttempts(options.maxFailedAttempts ?? 100, options.failedAttemptsWindowMs ?? 60_000)
   const algorithm = options.algorithm ?? 'HS256'
   const cookieName = options.cookieName ?? 'pgsse_token'
   const trustedOrigins = new Set(options.trustedOrigins ?? [])
-  const failedAttempts = new FailedAttempts(options.maxFailedAttempts ?? 100, options.failedAttemptsWindowMs ?? 60_000)
   if (algorithm === 'HS256') {
     // A short HMAC secret can be brute-forced offline from any one token.
     if (Buffer.byteLength(options.secret) < 32) throw new TypeError('the HS256 secret must be at least 32 bytes')
