@@ -84,9 +84,6 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
     // A refusal from a global hook (URL too long, overloaded) comes before
     // the route's own hook that sets the API's security headers.
     if (!reply.hasHeader('x-content-type-options')) reply.headers(API_SECURITY_HEADERS)
-    // As Fastify's own handler does: an error may carry headers (Retry-After).
-    const { headers } = err as { headers?: Record<string, string> }
-    if (headers !== undefined) reply.headers(headers)
     let message = exposed ? err.message : 'Internal Server Error'
     if (err.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE') message = 'unsupported content type: send application/json or text/plain'
     reply.code(statusCode).send({ statusCode, error: STATUS_CODES[statusCode] ?? 'Error', message })

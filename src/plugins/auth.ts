@@ -240,7 +240,7 @@ export default fp<AuthPluginOptions>(async function authPlugin (app, options) {
     const retryAfter = failedAttempts.retryAfter(request.ip)
     if (retryAfter > 0) {
       const refusal = new TooManyRequestsError(`too many failed token or ticket attempts from this address: retry in ${retryAfter} s`)
-      throw Object.assign(refusal, { headers: { 'retry-after': String(retryAfter) } })
+      throw Object.assign(refusal, { retryAfterSeconds: retryAfter })
     }
     try {
       return await check()
@@ -248,6 +248,13 @@ export default fp<AuthPluginOptions>(async function authPlugin (app, options) {
       if (err instanceof UnauthorizedError) failedAttempts.fail(request.ip)
       throw err
     }
+  })
+
+  // The refusal's Retry-After: onError hooks run with the reply, before the
+  // error handler answers.
+  app.addHook('onError', async (_request, reply, err) => {
+    const { retryAfterSeconds } = err as { retryAfterSeconds?: unknown }
+    if (typeof retryAfterSeconds === 'number') reply.header('retry-after', String(retryAfterSeconds))
   })
 
   app.decorate('authorize', async function authorize (request: FastifyRequest, action: ChannelAction, channels: Iterable<string>): Promise<GatewayClaims | null> {
