@@ -8,7 +8,7 @@ const url = await createDatabase(t)
 const db = await connect(t, url)
 await migrate(db)
 
-const LIMITS = { maxEvents: 1000, maxBytes: 1024 * 1024, maxWaitMs: 30_000 }
+const LIMITS = { maxEvents: 1000, maxBytes: 1024 * 1024, maxWaitMs: 30_000, stalledAfterMs: 30_000 }
 
 function poolFor (t: Test, options: pg.PoolConfig = {}): pg.Pool {
   const pool = new pg.Pool({ connectionString: url, max: 4, ...options })
