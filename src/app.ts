@@ -62,6 +62,8 @@ function poolTimeouts (queryTimeoutMs: number): { statementTimeoutMs: number, op
   return { statementTimeoutMs, options: Object.entries(settings).map(([name, value]) => `-c ${name}=${value}`).join(' ') }
 }
 
+function ignoreClientError (): void {}
+
 const PUBLIC_DIR = fileURLToPath(new URL('../public/', import.meta.url))
 
 /** Hides the token a URL may carry (EventSource sends it as ?access_token=). */
@@ -132,6 +134,10 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
   // An idle client whose backend dies emits 'error' on the pool; unhandled,
   // that would end the process.
   app.pg.pool.on('error', (err) => app.log.warn({ err: { message: err.message } }, 'idle database client lost'))
+  // A client out of the pool (a transaction, a migration) whose connection
+  // dies emits 'error' too, besides failing its query, and nothing listens
+  // to it then: that would end the process. Its query's caller handles it.
+  app.pg.pool.on('connect', (client) => client.on('error', ignoreClientError))
 
   // A publish waits for its group no longer than for a pool connection; a
   // group is stalled once publishes behind it fail so, or once the server

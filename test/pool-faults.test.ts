@@ -64,6 +64,10 @@ t.test('a publish on a connection gone silent fails within PG_QUERY_TIMEOUT_MS, 
   await published(gateway, 'orders', 'before')
   await waitForData(stream, 'before')
   t.equal(await readyStatus(gateway), 200, 'ready before')
+  const { rows: [settings] } = await gateway.app.pg.query(`SELECT current_setting('statement_timeout') AS statement,
+    current_setting('idle_in_transaction_session_timeout') AS idle, current_setting('tcp_user_timeout') AS unacknowledged,
+    current_setting('tcp_keepalives_idle') AS keepalive`)
+  t.same(settings, { statement: '3s', idle: '3s', unacknowledged: '4500', keepalive: '10' }, 'the server watches the pool\'s sessions too')
 
   // The log's lock, held: the next publish waits in the database, so its
   // connection can be found and frozen while the statement is in flight.
@@ -132,4 +136,27 @@ t.test('a publish that cannot reach the database says that nothing was published
     t.equal(await logged(db, payload), 0, `"${payload}" is not in the log`)
   }
   t.equal(await logged(db, 'after'), 1)
+})
+
+t.test('a pool connection that dies while out of the pool, mid-transaction, fails its publish and nothing else', async (t) => {
+  const gateway = await startGateway(t)
+  const db = await connect(t, gateway.databaseUrl)
+  // The log's lock, held: the publish with a key waits inside its transaction.
+  const blocker = await connect(t, gateway.databaseUrl)
+  await blocker.query('BEGIN')
+  await blocker.query('SELECT * FROM sse_gateway.log_head FOR UPDATE')
+  const killed = publishWithKey(gateway, 'orders', 'killed', 'k3')
+  let pids: number[] = []
+  await eventually(async () => {
+    const { rows } = await db.query<{ pid: number }>(
+      'SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1 AND wait_event_type = \'Lock\'', [POOL])
+    pids = rows.map((r) => r.pid)
+    return pids.length === 1
+  }, 'the publish to wait for the lock')
+  await db.query('SELECT pg_terminate_backend($1)', [pids[0]])
+  const body = await errorBody(t, await within(killed, 'the publish to be answered'), 503)
+  t.match(body.message, /may or may not have been published/, 'the server ended the session: outcome unknown')
+  await blocker.query('ROLLBACK')
+  await within(published(gateway, 'orders', 'after'), 'a publish after it')
+  t.equal(await readyStatus(gateway), 200, 'and the gateway is still up')
 })
