@@ -160,3 +160,26 @@ t.test('a pool connection that dies while out of the pool, mid-transaction, fail
   await within(published(gateway, 'orders', 'after'), 'a publish after it')
   t.equal(await readyStatus(gateway), 200, 'and the gateway is still up')
 })
+
+t.test('a publish with an Idempotency-Key on a connection gone silent fails too, outcome unknown, and its retry publishes once', async (t) => {
+  const QUERY_TIMEOUT_MS = 1500
+  const database = await createDatabase(t)
+  const { proxy, url } = await startProxy(t, database)
+  const gateway = await startGateway(t, { PG_QUERY_TIMEOUT_MS: String(QUERY_TIMEOUT_MS) }, url)
+  const db = await connect(t, database)
+  const blocker = await connect(t, database)
+  await blocker.query('BEGIN')
+  await blocker.query('SELECT * FROM sse_gateway.log_head FOR UPDATE')
+  const inDoubt = publishWithKey(gateway, 'orders', 'keyed', 'k4')
+  let ports: number[] = []
+  await eventually(async () => (ports = await poolPortsWaitingOnLock(db)).length === 1, 'the publish to wait for the lock')
+  proxy.freezeByUpstreamPort(ports[0] as number)
+  await blocker.query('ROLLBACK')
+  // Its transaction is left open on the server, with the log's lock, until
+  // idle_in_transaction_session_timeout ends the session.
+  const body = await errorBody(t, await within(inDoubt, 'the keyed publish to be answered', 3 * QUERY_TIMEOUT_MS + 5000), 503)
+  t.match(body.message, /may or may not have been published/)
+  const retry = await within(publishWithKey(gateway, 'orders', 'keyed', 'k4'), 'the retry', 3 * QUERY_TIMEOUT_MS + 5000)
+  t.equal(retry.status, 201, 'the retry with the same key is answered 201')
+  t.equal(await logged(db, 'keyed'), 1, 'published once')
+})
