@@ -5,24 +5,9 @@
 import type pg from 'pg'
 import t from 'tap'
 import { startProxy } from './tcp-proxy.js'
-import { connect, createDatabase, errorBody, openStream, publish, published, startGateway, streamUrl, subscriber, type TestGateway, waitFor, waitForData, within } from './helper.js'
+import { connect, createDatabase, errorBody, eventually, openStream, publish, published, readyStatus, startGateway, streamUrl, subscriber, type TestGateway, waitFor, waitForData, within } from './helper.js'
 
 const POOL = 'pg-sse-gateway:pool'
-
-async function readyStatus (gateway: TestGateway): Promise<number> {
-  const res = await fetch(`${gateway.baseUrl}/readyz`)
-  await res.body?.cancel()
-  return res.status
-}
-
-/** Polls an async condition until it holds or the deadline passes. */
-async function eventually (condition: () => Promise<boolean>, what: string, ms = 10_000): Promise<void> {
-  const deadline = Date.now() + ms
-  while (!await condition()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
-    await new Promise((resolve) => setTimeout(resolve, 20))
-  }
-}
 
 /** The client ports (as the server sees them: the proxy's side) of pool backends waiting on a lock. */
 async function poolPortsWaitingOnLock (db: pg.Client): Promise<number[]> {
