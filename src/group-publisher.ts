@@ -287,7 +287,8 @@ export class GroupPublisher {
     try {
       client = await this.#connect()
     } catch (err) {
-      throw new PublishNotSentError('no database connection: nothing was sent', { cause: err })
+      // The cause's message, for the log: the client's answer is the route's own.
+      throw new PublishNotSentError(`no database connection (${(err as Error).message}): nothing was sent`, { cause: err })
     }
     // A connection error reaches the query, and the client emits it too:
     // an 'error' event nobody listens to would end the process.
