@@ -32,12 +32,37 @@ declare module 'fastify' {
 }
 
 const POOL_CONNECTION_TIMEOUT_MS = 5000
-// Every statement on the pool is short; one that waits longer than this (a
-// lock held elsewhere, a stalled standby) is cancelled by the server, which
-// rolls it back, so a publish stuck in the database fails with a definite
-// outcome instead of holding up every publish behind it. Migrations and
-// pruning lift it for themselves.
-const POOL_STATEMENT_TIMEOUT_MS = 10_000
+// Seconds of silence on an idle pool connection before TCP keepalive probes
+// it, on both ends (Node 20 leaves the probes' interval and count to the OS).
+const POOL_KEEPALIVE_IDLE_S = 10
+
+/**
+ * How each pool connection is watched, from PG_QUERY_TIMEOUT_MS (Q):
+ *  - the client gives up on any statement after Q (pg's query_timeout) and
+ *    destroys its connection: a connection gone silent costs a publish Q,
+ *    never minutes;
+ *  - the server cancels a statement after 2/3 Q (statement_timeout; 10 s by
+ *    default) and rolls it back, so a statement stuck in the database (a lock
+ *    held elsewhere, a stalled standby) fails with a definite outcome when
+ *    the server can be heard. Migrations and pruning lift it for themselves;
+ *  - the server ends a session idle in a transaction for 2/3 Q, and drops a
+ *    connection whose data goes unacknowledged for Q (tcp_user_timeout) or
+ *    whose keepalive probes go unanswered: a gateway gone does not leave a
+ *    backend holding the log's lock.
+ */
+function poolTimeouts (queryTimeoutMs: number): { statementTimeoutMs: number, options: string } {
+  const statementTimeoutMs = Math.round(queryTimeoutMs * 2 / 3)
+  const settings = {
+    tcp_user_timeout: queryTimeoutMs,
+    tcp_keepalives_idle: POOL_KEEPALIVE_IDLE_S,
+    tcp_keepalives_interval: POOL_KEEPALIVE_IDLE_S,
+    tcp_keepalives_count: 3,
+    idle_in_transaction_session_timeout: statementTimeoutMs
+  }
+  return { statementTimeoutMs, options: Object.entries(settings).map(([name, value]) => `-c ${name}=${value}`).join(' ') }
+}
+
+function ignoreClientError (): void {}
 
 const PUBLIC_DIR = fileURLToPath(new URL('../public/', import.meta.url))
 
@@ -145,21 +170,36 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
     reply.code(404).send({ statusCode: 404, error: 'Not Found', message: 'no such route or file' })
   })
 
+  const { statementTimeoutMs, options } = poolTimeouts(config.PG_QUERY_TIMEOUT_MS)
   await app.register(fastifyPostgres, {
     connectionString: config.DATABASE_URL,
     max: config.PG_POOL_SIZE,
     connectionTimeoutMillis: POOL_CONNECTION_TIMEOUT_MS,
-    statement_timeout: POOL_STATEMENT_TIMEOUT_MS,
-    // A server gone without a reset is noticed by TCP, not only by a timeout.
+    statement_timeout: statementTimeoutMs,
+    query_timeout: config.PG_QUERY_TIMEOUT_MS,
+    // Server settings for the session (an `options` in DATABASE_URL wins).
+    options,
     keepAlive: true,
+    keepAliveInitialDelayMillis: POOL_KEEPALIVE_IDLE_S * 1000,
     application_name: 'pg-sse-gateway:pool'
   })
   // An idle client whose backend dies emits 'error' on the pool; unhandled,
   // that would end the process.
   app.pg.pool.on('error', (err) => app.log.warn({ err: { message: err.message } }, 'idle database client lost'))
+  // A client out of the pool (a transaction, a migration) whose connection
+  // dies emits 'error' too, besides failing its query, and nothing listens
+  // to it then: that would end the process. Its query's caller handles it.
+  app.pg.pool.on('connect', (client) => client.on('error', ignoreClientError))
 
-  // A publish waits for its group no longer than for a pool connection.
-  await app.register(publisherPlugin, { maxEvents: config.MAX_BATCH_EVENTS, maxBytes: config.MAX_BATCH_BYTES, maxWaitMs: POOL_CONNECTION_TIMEOUT_MS })
+  // A publish waits for its group no longer than for a pool connection; a
+  // group is stalled once publishes behind it fail so, or once the server
+  // would have cancelled it had it been heard.
+  await app.register(publisherPlugin, {
+    maxEvents: config.MAX_BATCH_EVENTS,
+    maxBytes: config.MAX_BATCH_BYTES,
+    maxWaitMs: POOL_CONNECTION_TIMEOUT_MS,
+    stalledAfterMs: Math.min(POOL_CONNECTION_TIMEOUT_MS, statementTimeoutMs)
+  })
 
   const client = await app.pg.connect()
   try {

@@ -46,6 +46,9 @@ export const ConfigSchema = Type.Object({
   MAX_URL_BYTES: Type.Integer({ default: 8192, minimum: 256, maximum: 1024 * 1024 }),
   STREAM_BUFFER_BYTES: Type.Integer({ default: 1024 * 1024, minimum: 1024 }),
   PG_POOL_SIZE: Type.Integer({ default: 10, minimum: 1 }),
+  // The client-side bound on every statement of the pool; the server's
+  // statement_timeout is two thirds of it.
+  PG_QUERY_TIMEOUT_MS: Type.Integer({ default: 15000, minimum: 300 }),
   LISTENER_LIVENESS_INTERVAL_MS: Type.Integer({ default: 10000, minimum: 10 }),
   LISTENER_LIVENESS_TIMEOUT_MS: Type.Integer({ default: 5000, minimum: 10 }),
   LISTENER_RECONNECT_MAX_MS: Type.Integer({ default: 10000, minimum: 10 }),

@@ -1,4 +1,4 @@
-import type pg from 'pg'
+import pg from 'pg'
 import { type EventToPublish, publishBatch } from './event-log.js'
 
 /*
@@ -34,6 +34,13 @@ import { type EventToPublish, publishBatch } from './event-log.js'
  *    during COMMIT leaves the outcome unknown, where a retry could publish
  *    twice. The client decides (an Idempotency-Key makes its retry safe).
  *
+ * A connection that goes silent (a partition, a half-open TCP connection)
+ * is bounded by the pool's client-side query timeout: the query fails, its
+ * outcome unknown, and the connection is destroyed, never returned to the
+ * pool. So are the connections opened before it: they went through the same
+ * network, and each would otherwise cost one more timeout to find dead.
+ * Publishing goes on through new connections.
+ *
  * Hand-written: it is a queue and a loop around one SQL call, and no library
  * of the node-postgres ecosystem batches statements into one transaction.
  */
@@ -49,6 +56,11 @@ export interface GroupPublisherOptions {
    * stalls (a lock held, a lost server), publishes fail instead of piling up.
    */
   maxWaitMs: number
+  /**
+   * A group still without the database's answer after this long makes the
+   * publisher `stalled` (readiness says so), until it settles.
+   */
+  stalledAfterMs: number
 }
 
 export class PublishQueueTimeoutError extends Error {
@@ -56,6 +68,49 @@ export class PublishQueueTimeoutError extends Error {
   /** Not a SQLSTATE: nothing reached the database. */
   readonly code = 'GW_PUBLISH_QUEUE_TIMEOUT'
 }
+
+/**
+ * No connection could be had for the group (refused, timed out, the server
+ * starting up: see `cause`), so nothing was sent. Not a SQLSTATE.
+ */
+export class PublishNotSentError extends Error {
+  override name = 'PublishNotSentError'
+  readonly code = 'GW_PUBLISH_NOT_SENT'
+}
+
+// Socket errors that only a connection attempt can give: the server was
+// never reached (a connected socket is reset or times out, never refused).
+const CONNECT_ERRORS = new Set(['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN'])
+// pg-pool's errors for a connection not had in time (it gives them no code).
+const POOL_CONNECT_TIMEOUTS = new Set(['timeout exceeded when trying to connect', 'Connection terminated due to connection timeout'])
+
+/**
+ * Whether a failed publish certainly left nothing in the database, rather
+ * than an outcome nobody can know. True for a publish never sent
+ * (PublishQueueTimeoutError, PublishNotSentError, a connection refused, the
+ * pool's connect timeout) and for a SQLSTATE, the database's answer about
+ * the statement, which rolled back; except a connection exception (class
+ * 08) or the server ending the session (57P01 and kin), which may come after
+ * the COMMIT was done. 57P03 (cannot connect now) answers only a connection
+ * attempt. Anything else (a query timeout, a connection reset or ended) may
+ * come after the COMMIT too: false.
+ */
+export function nothingPublished (err: unknown): boolean {
+  if (err instanceof PublishQueueTimeoutError || err instanceof PublishNotSentError) return true
+  const code = (err as { code?: unknown } | null)?.code
+  if (typeof code === 'string') {
+    if (CONNECT_ERRORS.has(code)) return true
+    if (/^[0-9A-Z]{5}$/.test(code)) return code === '57P03' || !(code.startsWith('08') || code.startsWith('57P'))
+  }
+  return err instanceof Error && POOL_CONNECT_TIMEOUTS.has(err.message)
+}
+
+/** Whether the connection answered with an error and can serve again. */
+function answered (err: unknown): boolean {
+  return err instanceof pg.DatabaseError && !/^(08|57P)/.test(err.code ?? '')
+}
+
+function ignore (): void {}
 
 interface PendingPublish {
   events: readonly EventToPublish[]
@@ -76,18 +131,43 @@ export class GroupPublisher {
   readonly #maxEvents: number
   readonly #maxBytes: number
   readonly #maxWaitMs: number
+  readonly #stalledAfterMs: number
   #expiryTimer: NodeJS.Timeout | undefined
   #waiting: PendingPublish[] = []
   #committing = false
   #groups = 0
   // drain()'s waiters, told when no group commits and none waits.
   #idle: Array<() => void> = []
+  // When the group now committing asked for its connection (performance.now()).
+  #sentAt: number | undefined
+  // Bumped by each connection failure; a connection opened before the last
+  // one is not used (see the comment at the top).
+  #generation = 0
+  readonly #openedIn = new WeakMap<pg.ClientBase, number>()
+  readonly #onConnect = (client: pg.PoolClient): void => { this.#openedIn.set(client, this.#generation) }
 
   constructor (pool: pg.Pool, options: GroupPublisherOptions) {
     this.#pool = pool
     this.#maxEvents = options.maxEvents
     this.#maxBytes = options.maxBytes
     this.#maxWaitMs = options.maxWaitMs
+    this.#stalledAfterMs = options.stalledAfterMs
+    pool.on('connect', this.#onConnect)
+  }
+
+  /** Stops watching the pool's new connections. */
+  close (): void {
+    this.#pool.off('connect', this.#onConnect)
+  }
+
+  /**
+   * True while the group being committed has waited longer than
+   * stalledAfterMs for a connection or the database's answer: publishing
+   * cannot commit now. It ends when the group settles (the pool's query
+   * timeout bounds that).
+   */
+  get stalled (): boolean {
+    return this.#sentAt !== undefined && performance.now() - this.#sentAt > this.#stalledAfterMs
   }
 
   /** Transactions committed (or attempted) so far, retries included. */
@@ -179,7 +259,8 @@ export class GroupPublisher {
     let ids: string[]
     try {
       this.#groups++
-      ids = await publishBatch(this.#pool, group.flatMap((pending) => pending.events))
+      this.#sentAt = performance.now()
+      ids = await this.#send(group.flatMap((pending) => pending.events))
     } catch (err) {
       if (group.length > 1 && refusedAnEvent(err)) {
         const half = Math.ceil(group.length / 2)
@@ -189,11 +270,56 @@ export class GroupPublisher {
       }
       for (const pending of group) pending.reject(err)
       return
+    } finally {
+      this.#sentAt = undefined
     }
     let offset = 0
     for (const pending of group) {
       pending.resolve(ids.slice(offset, offset + pending.events.length))
       offset += pending.events.length
+    }
+  }
+
+  // One statement on a connection of its own: its failure says whether
+  // anything was sent, and a connection that did not answer is destroyed.
+  async #send (events: EventToPublish[]): Promise<string[]> {
+    let client: pg.PoolClient
+    try {
+      client = await this.#connect()
+    } catch (err) {
+      // The cause's message, for the log: the client's answer is the route's own.
+      throw new PublishNotSentError(`no database connection (${(err as Error).message}): nothing was sent`, { cause: err })
+    }
+    // A connection error reaches the query, and the client emits it too:
+    // an 'error' event nobody listens to would end the process.
+    client.on('error', ignore)
+    try {
+      const ids = await publishBatch(client, events)
+      client.off('error', ignore)
+      client.release()
+      return ids
+    } catch (err) {
+      client.off('error', ignore)
+      if (answered(err)) {
+        client.release()
+      } else {
+        this.#generation++
+        // release(err) destroys the connection (pg-pool ends a client
+        // released with an error; with a query still on it, pg destroys the
+        // socket): its state is unknown.
+        client.release(err as Error)
+      }
+      throw err
+    }
+  }
+
+  // A pool connection opened since the last connection failure.
+  async #connect (): Promise<pg.PoolClient> {
+    for (;;) {
+      const client = await this.#pool.connect()
+      // Unknown: opened before this publisher watched; as old as the pool.
+      if ((this.#openedIn.get(client) ?? 0) >= this.#generation) return client
+      client.release(new Error('opened before a connection failure'))
     }
   }
 }

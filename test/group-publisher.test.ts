@@ -1,15 +1,16 @@
 import pg from 'pg'
 import t from 'tap'
 import { decodeNotification, migrate } from '../src/event-log.js'
-import { GroupPublisher } from '../src/group-publisher.js'
-import { connect, consecutive, createDatabase, listenOn, readWireKey, refuseAtCommit, type Test, within } from './helper.js'
+import { GroupPublisher, nothingPublished, PublishNotSentError } from '../src/group-publisher.js'
+import { connect, consecutive, createDatabase, listenOn, readWireKey, refuseAtCommit, type Test, waitFor, within } from './helper.js'
+import { startProxy } from './tcp-proxy.js'
 
 const url = await createDatabase(t)
 const db = await connect(t, url)
 await migrate(db)
 const key = await readWireKey(db)
 
-const LIMITS = { maxEvents: 1000, maxBytes: 1024 * 1024, maxWaitMs: 30_000 }
+const LIMITS = { maxEvents: 1000, maxBytes: 1024 * 1024, maxWaitMs: 30_000, stalledAfterMs: 30_000 }
 
 function poolFor (t: Test, options: pg.PoolConfig = {}): pg.Pool {
   const pool = new pg.Pool({ connectionString: url, max: 4, ...options })
@@ -161,4 +162,50 @@ t.test('an empty publish resolves at once; drain waits for every publish handed 
   for (let i = 0; i < 5; i++) publisher.publish(events('drained', String(i))).then(() => settled++, () => {})
   await publisher.drain()
   t.equal(settled, 5, 'all five had settled when drain resolved')
+})
+
+t.test('a statement without an answer fails at query_timeout, outcome unknown; its connection and older ones are dropped, and the next publish goes through a new one', async (t) => {
+  const { proxy, url: proxied } = await startProxy(t, url)
+  const pool = poolFor(t, { connectionString: proxied, query_timeout: 1000 })
+  const publisher = new GroupPublisher(pool, LIMITS)
+  t.teardown(() => publisher.close())
+  // Three connections open and idle, then silent.
+  const clients = await Promise.all([pool.connect(), pool.connect(), pool.connect()])
+  for (const client of clients) client.release()
+  for (const pair of proxy.pairs) pair.frozen = true
+
+  const err = await within(publisher.publish(events('silent', 'lost')).catch((e: unknown) => e), 'the publish to fail', 10_000)
+  t.match(err, { message: 'Query read timeout' })
+  t.notOk(nothingPublished(err), 'its outcome is unknown')
+  const opened = proxy.pairs.length
+  const [id] = await within(publisher.publish(events('silent', 'next')), 'the next publish', 10_000)
+  t.ok(id, 'the next publish commits')
+  t.equal(proxy.pairs.length, opened + 1, 'through one new connection')
+  t.equal(pool.totalCount, 1, 'the silent connections are no longer the pool\'s')
+  await waitFor(() => proxy.pairs.slice(0, opened).every((pair) => pair.client.destroyed), 'the silent connections to be closed')
+})
+
+t.test('a publish that gets no connection fails as never sent', async (t) => {
+  const { proxy, url: proxied } = await startProxy(t, url)
+  proxy.stopListening()
+  const publisher = new GroupPublisher(poolFor(t, { connectionString: proxied }), LIMITS)
+  t.teardown(() => publisher.close())
+  const err = await publisher.publish(events('unreachable', 'x')).catch((e: unknown) => e)
+  t.type(err, PublishNotSentError)
+  t.match(err, { code: 'GW_PUBLISH_NOT_SENT', cause: { code: 'ECONNREFUSED' } })
+  t.ok(nothingPublished(err))
+})
+
+t.test('the publisher is stalled while a group waits longer than stalledAfterMs, and no longer once it settles', async (t) => {
+  const publisher = new GroupPublisher(poolFor(t), { ...LIMITS, stalledAfterMs: 100 })
+  t.teardown(() => publisher.close())
+  const blocker = await connect(t, url)
+  await blocker.query('BEGIN')
+  await blocker.query('SELECT * FROM sse_gateway.log_head FOR UPDATE')
+  t.notOk(publisher.stalled)
+  const waiting = publisher.publish(events('stalled-flag', 'x'))
+  await waitFor(() => publisher.stalled, 'the publisher to be stalled')
+  await blocker.query('ROLLBACK')
+  await waiting
+  t.notOk(publisher.stalled, 'not once the group committed')
 })

@@ -218,6 +218,22 @@ export async function waitFor (condition: () => boolean, what: string, ms = 5000
   }
 }
 
+/** Polls an async condition (a query, a request) until it holds or the deadline passes. */
+export async function eventually (condition: () => Promise<boolean>, what: string, ms = 10_000): Promise<void> {
+  const deadline = Date.now() + ms
+  while (!await condition()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
+    await new Promise((resolve) => setTimeout(resolve, 20))
+  }
+}
+
+/** The status GET /readyz answers now. */
+export async function readyStatus (gateway: TestGateway): Promise<number> {
+  const res = await fetch(`${gateway.baseUrl}/readyz`)
+  await res.body?.cancel()
+  return res.status
+}
+
 /** Payloads and what a client must read of them: line breaks as LF, the rest exact. */
 export const FRAMING_CASES: ReadonlyArray<readonly [string, string]> = [
   ['plain', 'plain'],

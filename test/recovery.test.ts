@@ -10,7 +10,7 @@ import { type EmbeddedDatabase, startEmbeddedPostgres } from '../src/embedded-po
 import { FORK_ID_GAP, pruneLog } from '../src/event-log.js'
 import { type ConnectedInfo, LISTENER_APPLICATION_NAME, type ListenerConnection } from '../src/listener.js'
 import { startProxy } from './tcp-proxy.js'
-import { connect, createDatabase, openStream, published, type ReceivedEvent, startGateway, type StreamClient, streamUrl, subscriber, type TestGateway, waitForData, within } from './helper.js'
+import { connect, createDatabase, eventually, openStream, published, type ReceivedEvent, readyStatus, startGateway, type StreamClient, streamUrl, subscriber, waitForData, within } from './helper.js'
 
 /** Publishes with SQL on `db`, bypassing the gateway; returns the id. */
 async function publishSql (db: pg.Client, channel: string, payload: string): Promise<string> {
@@ -24,21 +24,6 @@ const opens = (stream: StreamClient): ReceivedEvent[] => stream.control.filter((
 /** Ids only grow, one event per id. */
 function strictlyIncreasing (ids: Array<string | undefined>): boolean {
   return ids.every((id, i) => i === 0 || Number(id) > Number(ids[i - 1]))
-}
-
-async function readyStatus (gateway: TestGateway): Promise<number> {
-  const res = await fetch(`${gateway.baseUrl}/readyz`)
-  await res.body?.cancel()
-  return res.status
-}
-
-/** Polls an async condition until it holds or the deadline passes. */
-async function eventually (condition: () => Promise<boolean>, what: string, ms = 10_000): Promise<void> {
-  const deadline = Date.now() + ms
-  while (!await condition()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
-    await new Promise((resolve) => setTimeout(resolve, 20))
-  }
 }
 
 // events.once() would reject on the listener's 'error' events (a failed

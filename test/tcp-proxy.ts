@@ -23,6 +23,11 @@ export interface Pair {
  */
 export class FreezableProxy {
   readonly pairs: Pair[] = []
+  /**
+   * While true, a new connection is answered as a PostgreSQL server that is
+   * starting up answers: FATAL, SQLSTATE 57P03, and closed.
+   */
+  startingUp = false
   readonly #server: Server
   readonly #target: { host: string, port: number }
 
@@ -31,8 +36,9 @@ export class FreezableProxy {
     this.#server = createServer((client) => this.#accept(client))
   }
 
-  async listen (): Promise<number> {
-    this.#server.listen(0, '127.0.0.1')
+  /** Listens on `port` (one from the OS by default: 0); resolves with it. */
+  async listen (port = 0): Promise<number> {
+    this.#server.listen(port, '127.0.0.1')
     await once(this.#server, 'listening')
     return (this.#server.address() as AddressInfo).port
   }
@@ -40,9 +46,28 @@ export class FreezableProxy {
   /** While true, new connections are closed at once, as a server that is down. */
   refuseNew = false
 
+  /** Stops listening at once: new connections are refused (ECONNREFUSED); open ones go on. */
+  stopListening (): void {
+    // close()'s callback would wait for the open connections to end.
+    this.#server.close()
+  }
+
+  /** Closes every connection open now at both ends, as a server that restarts does. */
+  cutAll (): void {
+    for (const { client, upstream } of this.pairs) {
+      client.destroy()
+      upstream.destroy()
+    }
+  }
+
   #accept (client: Socket): void {
     if (this.refuseNew) {
       client.destroy()
+      return
+    }
+    if (this.startingUp) {
+      client.on('error', () => {})
+      client.once('data', () => client.end(startingUpError()))
       return
     }
     const upstream = connectTcp(this.#target.port, this.#target.host)
@@ -71,12 +96,19 @@ export class FreezableProxy {
   }
 
   async close (): Promise<void> {
-    for (const { client, upstream } of this.pairs) {
-      client.destroy()
-      upstream.destroy()
-    }
+    this.cutAll()
     await new Promise<void>((resolve) => this.#server.close(() => resolve()))
   }
+}
+
+// An ErrorResponse message of the PostgreSQL protocol, as a server still
+// starting up sends in answer to a startup message.
+function startingUpError (): Buffer {
+  const fields = Buffer.from('SFATAL\0VFATAL\0C57P03\0Mthe database system is starting up\0\0')
+  const header = Buffer.alloc(5)
+  header.write('E')
+  header.writeInt32BE(4 + fields.length, 1)
+  return Buffer.concat([header, fields])
 }
 
 export async function startProxy (t: Teardown, target: string): Promise<{ proxy: FreezableProxy, url: string }> {

@@ -16,5 +16,6 @@ export default fp<GroupPublisherOptions>(async function publisherPlugin (app, op
   // already handed over get their answer from the database.
   app.addHook('onClose', async () => {
     await publisher.drain()
+    publisher.close()
   })
 }, { name: 'publisher', dependencies: ['@fastify/postgres'] })

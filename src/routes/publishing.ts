@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import { BadRequestError, ConflictError, InvalidChannelError, PayloadTooLargeError, UnavailableError, UnsupportedMediaTypeError } from '../errors.js'
 import { type EventToPublish, IdempotencyConflictError, type IdempotencyKey, type PublishResult, publishEvents } from '../event-log.js'
-import { PublishQueueTimeoutError } from '../group-publisher.js'
+import { nothingPublished } from '../group-publisher.js'
 import type { GatewayClaims } from '../plugins/auth.js'
 import { CHANNEL_NAME_RULE, isChannelName } from '../channel.js'
 import { type JsonCapture, JsonTextError, scanJson } from '../json-text.js'
@@ -149,17 +149,6 @@ export function checkPayload (payload: string, maxBytes: number, what: string): 
   }
 }
 
-/**
- * Whether an error with this code means the publishing statement failed and
- * rolled back. A SQLSTATE is the database's answer about the statement,
- * except a connection exception (class 08) or the server ending the session
- * (57P01 and kin), which may come after the COMMIT was done. Anything else
- * (ECONNRESET, a connection ended) may too.
- */
-function rolledBack (code: unknown): boolean {
-  return typeof code === 'string' && /^[0-9A-Z]{5}$/.test(code) && !code.startsWith('08') && !code.startsWith('57P')
-}
-
 const IDEMPOTENCY_KEY = /^[\x21-\x7e]{1,255}$/
 
 /**
@@ -197,7 +186,7 @@ export async function publishAll (app: FastifyInstance, request: FastifyRequest,
       throw new BadRequestError('the database refused the event: nothing was published')
     }
     app.log.error({ err: { message: (err as Error).message, code } }, 'publish failed')
-    if (!(err instanceof PublishQueueTimeoutError) && !rolledBack(code)) {
+    if (!nothingPublished(err)) {
       throw new UnavailableError('the database did not confirm the commit: the events may or may not have been published; retry with an Idempotency-Key to publish them at most once')
     }
     throw new UnavailableError('the event could not be committed: nothing was published; retry shortly')
