@@ -7,7 +7,7 @@ import t from 'tap'
 import { readLogHead, readEventsAfter } from '../src/event-log.js'
 import type { ListenerConnection } from '../src/listener.js'
 import { clustersUnavailable, type ReplicatedClusters, startClusters } from './clusters.js'
-import { startProxy } from './tcp-proxy.js'
+import { type FreezableProxy, startProxy } from './tcp-proxy.js'
 import { openStream, published, type ReceivedEvent, startGateway, type StreamClient, streamUrl, subscriber, type Test, type TestGateway, waitForData, within } from './helper.js'
 
 const CHANNEL = 'orders'
@@ -74,16 +74,17 @@ interface Failover {
 /**
  * A gateway on the primary (through a proxy, the `DATABASE_URL` a failover
  * moves) with a stream open; events published and replicated; replication
- * cut; more events acknowledged and delivered; the primary crashed, the
- * replica promoted, the proxy pointed at it; the gateway ready again.
+ * cut (unless `lossless`); more events acknowledged and delivered; the
+ * primary crashed, the replica promoted, the proxy pointed at it; the
+ * gateway ready again. With `lossless`, `lost` is empty and every event
+ * survives.
  */
-async function lossyFailover (t: Test): Promise<Failover> {
+async function failover (t: Test, { lossless = false } = {}): Promise<Failover> {
   const clusters = await startClusters(t)
   const { proxy, url } = await startProxy(t, clusters.primary.url)
   // Liveness and reconnection settings are the defaults: the time to be
   // ready again is the one a deployment would see.
   const gateway = await startGateway(t, {}, url)
-  const { listener } = gateway.app
   const stream = await openStream(t, streamUrl(gateway.baseUrl, [CHANNEL]), subscriber(gateway))
 
   const survived: string[] = []
@@ -92,6 +93,12 @@ async function lossyFailover (t: Test): Promise<Failover> {
   await clusters.waitForReplay()
   t.same(await logAfter(clusters, 'replica', 0), survived.map((id, i) => [id, `survived ${i + 1}`]), 'the replica holds the first events')
 
+  if (lossless) {
+    for (let i = 4; i <= 6; i++) survived.push(await published(gateway, CHANNEL, `survived ${i}`))
+    await waitForData(stream, 'survived 6')
+    await clusters.waitForReplay()
+    return await promote(t, clusters, proxy, gateway, stream, survived, [])
+  }
   await clusters.cutReplication()
   t.same(await clusters.replicationLink(), { receivers: 0, senders: 0 }, 'replication is cut: no walreceiver on the replica, no walsender on the primary')
   const lost: string[] = []
@@ -100,7 +107,13 @@ async function lossyFailover (t: Test): Promise<Failover> {
   t.same(stream.events.map((e) => e.id), [...survived, ...lost], 'the events acknowledged after the cut were delivered live')
   t.equal(await logHead(clusters, 'primary'), Number(lost.at(-1)), 'the primary committed them')
   t.equal(await logHead(clusters, 'replica'), Number(survived.at(-1)), 'the replica never got them')
+  return await promote(t, clusters, proxy, gateway, stream, survived, lost)
+}
 
+// Crashes the primary, promotes the replica, moves the proxy to it, and
+// waits until the gateway is ready again.
+async function promote (t: Test, clusters: ReplicatedClusters, proxy: FreezableProxy, gateway: TestGateway, stream: StreamClient, survived: string[], lost: string[]): Promise<Failover> {
+  const { listener } = gateway.app
   const disconnected = nextDisconnected(listener)
   await clusters.stop(clusters.primary, 'immediate')
   await within(disconnected, 'the listener to see the primary go', 10_000)
@@ -115,7 +128,7 @@ async function lossyFailover (t: Test): Promise<Failover> {
 
 async function run (): Promise<void> {
   t.test('a lossy failover: open streams get gateway/missed, then every event of the new log once', { timeout: 120_000 }, async (t) => {
-    const { clusters, gateway, stream, survived, lost } = await lossyFailover(t)
+    const { clusters, gateway, stream, survived, lost } = await failover(t)
     const lastSeen = lost.at(-1) as string
     const lastSurvived = survived.at(-1) as string
 
@@ -146,7 +159,7 @@ async function run (): Promise<void> {
   })
 
   t.test('a lossy failover: what a client resuming from a lost id gets', { timeout: 120_000 }, async (t) => {
-    const { gateway, survived, lost } = await lossyFailover(t)
+    const { gateway, survived, lost } = await failover(t)
     const lastLost = lost.at(-1) as string
     const lastSurvived = survived.at(-1) as string
     const resume = async (): Promise<StreamClient> =>
@@ -171,6 +184,46 @@ async function run (): Promise<void> {
     t.same(late.control.map((e) => e.event), ['gateway/open'], 'today, resuming after the id was reissued: no gateway/missed')
     t.same(late.events.map((e) => e.id), fresh.filter((id) => Number(id) > Number(lastLost)),
       `today it gets only the events after id ${lastLost} of the new log: the reissued ones (${fresh.slice(0, lost.length).join(', ')}) are skipped unannounced`)
+  })
+
+  t.test('a lossless failover: every event once, none dropped', { timeout: 120_000 }, async (t) => {
+    const { gateway, stream, survived } = await failover(t, { lossless: true })
+    const fresh: string[] = []
+    for (let i = 1; i <= 3; i++) fresh.push(await published(gateway, CHANNEL, `new ${i}`))
+    t.equal(Number(fresh[0]), Number(survived.at(-1)) + 1, 'the new primary goes on from the last id')
+    await within(stream.until(() => stream.events.some((e) => e.data === 'new 3'), 'new 3'), 'the last new event', 10_000).catch(() => {})
+    t.same(stream.events.map((e) => e.id), [...survived, ...fresh], 'every event once, in order')
+    t.notOk(stream.ended, 'the stream stayed open')
+    // A gateway that goes by the timeline may say so; it must not say that
+    // anything was lost.
+    const told = missedEvents(stream).map((e) => JSON.parse(e.data) as { resumedAfter: string })
+    t.comment(`gateway/missed events on a lossless failover: ${JSON.stringify(told)}`)
+    t.ok(told.every((m) => m.resumedAfter === survived.at(-1)), 'no gateway/missed claims a loss')
+  })
+
+  t.test('a crash and restart of the primary is no rewind: nothing missed, every event once', { timeout: 120_000 }, async (t) => {
+    const clusters = await startClusters(t)
+    const { url } = await startProxy(t, clusters.primary.url)
+    const gateway = await startGateway(t, {}, url)
+    const { listener } = gateway.app
+    const stream = await openStream(t, streamUrl(gateway.baseUrl, [CHANNEL]), subscriber(gateway))
+    const ids: string[] = []
+    for (let i = 1; i <= 3; i++) ids.push(await published(gateway, CHANNEL, `before ${i}`))
+    await waitForData(stream, 'before 3')
+
+    const disconnected = nextDisconnected(listener)
+    await clusters.stop(clusters.primary, 'immediate')
+    await within(disconnected, 'the listener to see the primary go', 10_000)
+    await clusters.start(clusters.primary)
+    const readyIn = await readyAgain(gateway)
+    t.comment(`ready ${readyIn} ms after the restart (listener reconnects: ${listener.reconnects})`)
+    t.equal(await clusters.timeline(clusters.primary), 1, 'crash recovery keeps the timeline')
+
+    for (let i = 1; i <= 3; i++) ids.push(await published(gateway, CHANNEL, `after ${i}`))
+    await waitForData(stream, 'after 3')
+    t.same(stream.events.map((e) => e.id), ids, 'every event once, in order')
+    t.same(missedEvents(stream), [], 'no gateway/missed: the log was not rewound')
+    t.notOk(stream.ended, 'the stream stayed open')
   })
 }
 
