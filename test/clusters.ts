@@ -118,7 +118,14 @@ export class ReplicatedClusters {
 
   /** Starts a cluster's server and waits until it accepts connections. */
   async start (cluster: Cluster): Promise<void> {
-    await this.run('pg_ctl', ['start', '-w', '-t', '60', '-D', cluster.dataDir, '-l', path.join(this.#dir, `${cluster.name}.log`), '-o', `-p ${cluster.port}`])
+    const log = path.join(this.#dir, `${cluster.name}.log`)
+    try {
+      await this.run('pg_ctl', ['start', '-w', '-t', '60', '-D', cluster.dataDir, '-l', log, '-o', `-p ${cluster.port}`])
+    } catch (err) {
+      // pg_ctl only says that it failed; the server's log says why.
+      const tail = existsSync(log) ? readFileSync(log, 'utf8').split('\n').slice(-20).join('\n') : ''
+      throw new Error(`${(err as Error).message}\n${cluster.name}'s log ends with:\n${tail}`)
+    }
   }
 
   /** Stops a cluster's server: `immediate` is a crash (no checkpoint, clients cut), as a lost machine would give. */

@@ -67,8 +67,13 @@ interface Failover {
   survived: string[]
   /** Acknowledged with 201 after the cut: lost with the old primary. */
   lost: string[]
-  /** ms from the end of the promotion to the gateway being ready again. */
-  readyIn: number
+}
+
+interface FailoverOptions {
+  /** Every event replicated before the primary is lost. */
+  lossless?: boolean
+  /** Runs once the replica is promoted, before the gateway can reach it. */
+  beforeRetarget?: (clusters: ReplicatedClusters) => Promise<void>
 }
 
 /**
@@ -79,7 +84,7 @@ interface Failover {
  * gateway ready again. With `lossless`, `lost` is empty and every event
  * survives.
  */
-async function failover (t: Test, { lossless = false } = {}): Promise<Failover> {
+async function failover (t: Test, { lossless = false, beforeRetarget }: FailoverOptions = {}): Promise<Failover> {
   const clusters = await startClusters(t)
   const { proxy, url } = await startProxy(t, clusters.primary.url)
   // Liveness and reconnection settings are the defaults: the time to be
@@ -97,7 +102,7 @@ async function failover (t: Test, { lossless = false } = {}): Promise<Failover> 
     for (let i = 4; i <= 6; i++) survived.push(await published(gateway, CHANNEL, `survived ${i}`))
     await waitForData(stream, 'survived 6')
     await clusters.waitForReplay()
-    return await promote(t, clusters, proxy, gateway, stream, survived, [])
+    return await promote(t, clusters, proxy, { gateway, stream, survived, lost: [] }, beforeRetarget)
   }
   await clusters.cutReplication()
   t.same(await clusters.replicationLink(), { receivers: 0, senders: 0 }, 'replication is cut: no walreceiver on the replica, no walsender on the primary')
@@ -107,55 +112,90 @@ async function failover (t: Test, { lossless = false } = {}): Promise<Failover> 
   t.same(stream.events.map((e) => e.id), [...survived, ...lost], 'the events acknowledged after the cut were delivered live')
   t.equal(await logHead(clusters, 'primary'), Number(lost.at(-1)), 'the primary committed them')
   t.equal(await logHead(clusters, 'replica'), Number(survived.at(-1)), 'the replica never got them')
-  return await promote(t, clusters, proxy, gateway, stream, survived, lost)
+  return await promote(t, clusters, proxy, { gateway, stream, survived, lost }, beforeRetarget)
 }
 
 // Crashes the primary, promotes the replica, moves the proxy to it, and
 // waits until the gateway is ready again.
-async function promote (t: Test, clusters: ReplicatedClusters, proxy: FreezableProxy, gateway: TestGateway, stream: StreamClient, survived: string[], lost: string[]): Promise<Failover> {
+async function promote (t: Test, clusters: ReplicatedClusters, proxy: FreezableProxy, state: Omit<Failover, 'clusters'>, beforeRetarget?: FailoverOptions['beforeRetarget']): Promise<Failover> {
+  const { gateway, survived } = state
   const { listener } = gateway.app
   const disconnected = nextDisconnected(listener)
   await clusters.stop(clusters.primary, 'immediate')
   await within(disconnected, 'the listener to see the primary go', 10_000)
   await clusters.promoteReplica()
+  // The gateway reaches the database only through the proxy: whatever runs
+  // here happens on the new primary before the gateway can see it.
+  await beforeRetarget?.(clusters)
   proxy.retarget({ host: '127.0.0.1', port: clusters.replica.port })
   const readyIn = await readyAgain(gateway)
   t.comment(`ready ${readyIn} ms after the promotion (listener reconnects: ${listener.reconnects})`)
-  t.equal(await logHead(clusters, 'replica'), Number(survived.at(-1)), 'the promoted replica\'s log ends at the last replicated event')
+  if (beforeRetarget === undefined) t.equal(await logHead(clusters, 'replica'), Number(survived.at(-1)), 'the promoted replica\'s log ends at the last replicated event')
   t.equal(await clusters.timeline(clusters.replica), 2, 'the promoted replica is on a new timeline')
-  return { clusters, gateway, stream, survived, lost, readyIn }
+  return { ...state, clusters }
+}
+
+/**
+ * What the stream got, channel and gateway events in the order they came,
+ * `gateway/open` and `gateway/gap` left out, as [event, id, data]; a gateway event's data
+ * parsed.
+ */
+function arrivals (stream: StreamClient): Array<[string | undefined, string | undefined, unknown]> {
+  return stream.arrived.filter((e) => e.event !== 'gateway/gap' && e.event !== 'gateway/open')
+    .map((e) => [e.event, e.id, e.event?.startsWith('gateway/') === true ? JSON.parse(e.data) : e.data])
+}
+
+// After a lossy failover and the publishing of `expectedNew` (payloads, in
+// order) on the new primary: the stream got what it had, then one
+// gateway/missed saying the last id it had and the last one that survived,
+// then every event of the new log after that one, once each, in order.
+async function checkStreamAfterRewind (t: Test, { clusters, stream, survived, lost }: Failover, expectedNew: string[]): Promise<void> {
+  const lastSurvived = survived.at(-1) as string
+  const newLog = await logAfter(clusters, 'replica', Number(lastSurvived))
+  t.same(newLog.map(([, data]) => data), expectedNew, 'the new log after the last surviving event holds the new events')
+  const last = expectedNew.at(-1) as string
+  await within(stream.until(() => stream.events.some((e) => e.data === last), last), 'the last new event', 10_000)
+    .catch(() => t.fail(`the stream never got ${JSON.stringify(last)}`))
+  const before = [...survived.map((id, i) => [CHANNEL, id, `survived ${i + 1}`]), ...lost.map((id, i) => [CHANNEL, id, `lost ${i + 1}`])]
+  t.same(arrivals(stream), [
+    ...before,
+    ['gateway/missed', undefined, { lastEventId: lost.at(-1), resumedAfter: lastSurvived }],
+    ...newLog.map(([id, data]) => [CHANNEL, id, data])
+  ], 'what it had, gateway/missed {lastEventId: the last id it had, resumedAfter: the last that survived}, then every event of the new log once, in order')
+  t.notOk(stream.ended, 'the stream stayed open')
 }
 
 async function run (): Promise<void> {
   t.test('a lossy failover: open streams get gateway/missed, then every event of the new log once', { timeout: 120_000 }, async (t) => {
-    const { clusters, gateway, stream, survived, lost } = await failover(t)
-    const lastSeen = lost.at(-1) as string
-    const lastSurvived = survived.at(-1) as string
-
-    // The stream is told before anything new is published, so it can be
-    // told apart from what comes next.
-    const told = await within(stream.until(() => missedEvents(stream).length > 0, 'gateway/missed'), 'gateway/missed on the open stream', 10_000)
-      .then(() => true, () => false)
-    t.ok(told, 'the open stream got gateway/missed after the failover')
-    const countAtMissed = stream.events.length
-    t.equal(countAtMissed, survived.length + lost.length, 'before any event of the new log')
-    const missed = missedEvents(stream)[0]
-    t.same(missed === undefined ? undefined : JSON.parse(missed.data), { lastEventId: lastSeen, resumedAfter: lastSurvived },
-      'saying the last id the stream had and the last one that survived')
+    const state = await failover(t)
+    const { gateway, stream, lost } = state
+    // The stream is told before anything new is published.
+    await within(stream.until(() => missedEvents(stream).length > 0, 'gateway/missed'), 'gateway/missed on the open stream', 10_000)
+      .catch(() => t.fail('the open stream got no gateway/missed after the failover'))
 
     const fresh: string[] = []
     for (let i = 1; i <= 4; i++) fresh.push(await published(gateway, CHANNEL, `new ${i}`))
     t.same(fresh.slice(0, lost.length), lost, 'the new primary handed out the lost ids again')
-    const newLog = await logAfter(clusters, 'replica', Number(lastSurvived))
-    t.same(newLog, fresh.map((id, i) => [id, `new ${i + 1}`]), 'the new log after the last surviving event: the new events')
+    await checkStreamAfterRewind(t, state, fresh.map((_id, i) => `new ${i + 1}`))
+  })
 
-    await within(stream.until(() => stream.events.some((e) => e.data === 'new 4'), 'new 4'), 'the last new event', 10_000).catch(() => {})
-    t.same(stream.events.slice(countAtMissed).map((e) => [e.id, e.data]), newLog,
-      'then every event of the new log, reissued ids included, once each, in order')
-    t.same(stream.events.slice(0, countAtMissed).map((e) => e.data), [...survived.map((_id, i) => `survived ${i + 1}`), ...lost.map((_id, i) => `lost ${i + 1}`)],
-      'and nothing else')
-    t.notOk(stream.ended, 'the stream stayed open')
-    t.equal(missedEvents(stream).length, 1, 'told once')
+  t.test('a lossy failover with events published on the new primary before the gateway is back: none dropped', { timeout: 120_000 }, async (t) => {
+    const early: string[] = []
+    const state = await failover(t, {
+      beforeRetarget: async (clusters) => {
+        for (let i = 1; i <= 2; i++) {
+          const [row] = await clusters.query<{ id: string }>(clusters.replica, 'SELECT sse_gateway.publish($1, $2)::text AS id', [CHANNEL, `early ${i}`])
+          early.push(row?.id as string)
+        }
+      }
+    })
+    const { gateway, survived, lost } = state
+    t.same(early, lost.slice(0, early.length), 'those events took ids the stream had already seen')
+    t.equal(await logHead(state.clusters, 'replica'), Number(survived.at(-1)) + early.length, 'the new log has them')
+
+    const fresh: string[] = []
+    for (let i = 1; i <= 3; i++) fresh.push(await published(gateway, CHANNEL, `new ${i}`))
+    await checkStreamAfterRewind(t, state, [...early.map((_id, i) => `early ${i + 1}`), ...fresh.map((_id, i) => `new ${i + 1}`)])
   })
 
   t.test('a lossy failover: what a client resuming from a lost id gets', { timeout: 120_000 }, async (t) => {
