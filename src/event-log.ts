@@ -1,4 +1,6 @@
+import { createHmac, timingSafeEqual } from 'node:crypto'
 import type pg from 'pg'
+import { type EventId, MAX_EVENT_ID, parseEventId } from './event-id.js'
 
 // The event log lives in its own schema; every gateway instance on a database
 // shares it. Names starting with pg_ are reserved by PostgreSQL.
@@ -12,36 +14,91 @@ export const INLINE_PAYLOAD_BYTES = 7900
 /*
  * The wire between a publishing transaction and every listener.
  *
- * An event published through the gateway (the POST routes or the SQL function
- * sse_gateway.publish) is NOTIFYed on its own channel with a payload that
- * starts with the unit separator U+001F, then its decimal id:
+ * An event published through the gateway (the POST routes or the SQL
+ * functions sse_gateway.publish and publish_batch) is NOTIFYed on its own
+ * channel with a payload that starts with the unit separator U+001F, its
+ * decimal id, a colon and a MAC:
  *
- *   "\x1f<id>\n<payload>"   the payload inline
- *   "\x1f<id>"              the payload is in sse_gateway.events, row <id>
+ *   "\x1f<id>:<mac>\n<payload>"   the payload inline
+ *   "\x1f<id>:<mac>"              the payload is in sse_gateway.events, row <id>
  *
- * Anything else is a plain NOTIFY from some other session and is delivered as
- * is, without an id. Because every gateway event carries its own id, two
- * events with the same channel and payload in one transaction stay two
+ * Any role may NOTIFY any channel (PostgreSQL checks no privilege), so the
+ * form alone proves nothing. The MAC is HMAC-SHA-256 (RFC 2104), cut to its
+ * first 16 bytes, in hex, of "<id>\n<channel>\n<payload>" (inline) or
+ * "<id>\n<channel>" (reference), all in UTF-8, keyed with the log's wire key:
+ * a random key made with the log, in a table only its owner can read, used
+ * by publish_batch (SECURITY DEFINER) and read by the listener. A
+ * notification whose MAC does not verify is a plain NOTIFY, delivered as is
+ * without an id, whatever it looks like: it can move no position and replace
+ * no payload. Because every gateway event carries its own id, two events
+ * with the same channel and payload in one transaction stay two
  * notifications (PostgreSQL folds identical pairs).
  *
  * Ids follow commit order: the publishing transaction takes the row lock of
  * sse_gateway.log_head when it draws its ids and keeps it until it commits,
  * so a transaction that draws later also commits later, and ids have no gaps
- * (a rollback returns the numbers it drew).
+ * (a rollback returns the numbers it drew), except at a fork: see
+ * FORK_ID_GAP.
  */
 export const WIRE_MARK = '\x1f'
 
-export type DecodedNotification =
-  | { id: string, data: string }
-  | { id: string, data: undefined }
-  | null
+// Hex digits of the MAC on the wire: 16 bytes.
+const WIRE_MAC_HEX = 32
 
-export function decodeNotification (payload: string): DecodedNotification {
-  if (payload.charCodeAt(0) !== 0x1f) return null
+/**
+ * Ids skipped when the log finds itself on a new PostgreSQL timeline (a
+ * replica promoted, a point-in-time recovery): events the old primary
+ * committed after the last one replicated are gone, and their ids would
+ * otherwise be drawn again for other events. Drawing the next id this far
+ * above the head instead, every id the old timeline may have handed out
+ * lies in a hole the new one never fills, recorded in sse_gateway.log_forks:
+ * a client or a listener that comes back with such an id is told what was
+ * lost instead of silently skipping the new events. 10^12 is 115 days of
+ * 100,000 events a second on a primary cut off from its replica, and leaves
+ * room for 9,000 forks below MAX_EVENT_ID.
+ */
+export const FORK_ID_GAP = 1_000_000_000_000
+
+/** A notification that verified as a gateway event; `data` is undefined when it must be read from the log. */
+export interface WireEvent {
+  id: EventId
+  data: string | undefined
+}
+
+/** HMAC-SHA-256 of a wire message, cut to WIRE_MAC_HEX hex digits. */
+function wireMac (key: Buffer, id: string, channel: string, data: string | undefined): string {
+  const hmac = createHmac('sha256', key).update(id).update('\n').update(channel)
+  if (data !== undefined) hmac.update('\n').update(data)
+  return hmac.digest('hex').slice(0, WIRE_MAC_HEX)
+}
+
+/**
+ * Reads a notification received on `channel`. Returns the event when the
+ * payload is in the wire form and its MAC verifies under `key`; null for
+ * anything else (a plain NOTIFY, or one forged to look like an event).
+ * Without a key (no log in this database) every notification is plain.
+ */
+export function decodeNotification (channel: string, payload: string, key: Buffer | undefined): WireEvent | null {
+  if (key === undefined || payload.charCodeAt(0) !== 0x1f) return null
   const newline = payload.indexOf('\n')
-  const id = newline === -1 ? payload.slice(1) : payload.slice(1, newline)
-  if (!/^[1-9][0-9]{0,18}$/.test(id)) return null
-  return { id, data: newline === -1 ? undefined : payload.slice(newline + 1) }
+  const head = newline === -1 ? payload.slice(1) : payload.slice(1, newline)
+  const colon = head.indexOf(':')
+  if (colon === -1 || head.length - colon - 1 !== WIRE_MAC_HEX) return null
+  const idText = head.slice(0, colon)
+  const id = parseEventId(idText)
+  if (id === undefined || id === 0) return null
+  const data = newline === -1 ? undefined : payload.slice(newline + 1)
+  const expected = Buffer.from(wireMac(key, idText, channel, data))
+  const given = Buffer.from(head.slice(colon + 1))
+  if (given.length !== expected.length || !timingSafeEqual(given, expected)) return null
+  return { id, data }
+}
+
+/** Makes a notification payload as publish_batch does (tests and tools). */
+export function encodeNotification (key: Buffer, id: EventId, channel: string, data: string | undefined): string {
+  const idText = String(id)
+  const mac = wireMac(key, idText, channel, data)
+  return `${WIRE_MARK}${idText}:${mac}${data === undefined ? '' : `\n${data}`}`
 }
 
 // Each entry runs once, in order, in its own transaction, and is recorded in
@@ -195,6 +252,130 @@ const MIGRATIONS: readonly string[] = [
   -- rules (800 rows in 4.5 ms instead of 5.5 under C.UTF-8). Rebuilds the
   -- table's indexes once, at start-up.
   ALTER TABLE ${LOG_SCHEMA}.events ALTER COLUMN channel TYPE text COLLATE "C";
+  `,
+  `
+  -- The wire key (see the comment on the wire above): 32 bytes from two
+  -- random UUIDs (pg_strong_random; 244 random bits), and its HMAC pads,
+  -- the key zero-filled to SHA-256's 64-byte block XOR 0x36 and 0x5c
+  -- (RFC 2104), computed once here since SQL has no XOR on bytea.
+  CREATE TABLE ${LOG_SCHEMA}.wire_key (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    key bytea NOT NULL,
+    inner_pad bytea NOT NULL,
+    outer_pad bytea NOT NULL
+  );
+  REVOKE ALL ON ${LOG_SCHEMA}.wire_key FROM PUBLIC;
+  DO $key$
+  DECLARE
+    k bytea := decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex');
+    inner_pad bytea := ''::bytea;
+    outer_pad bytea := ''::bytea;
+    b integer;
+  BEGIN
+    FOR i IN 0..63 LOOP
+      b := CASE WHEN i < length(k) THEN get_byte(k, i) ELSE 0 END;
+      inner_pad := inner_pad || set_byte('\\x00'::bytea, 0, b # 54);
+      outer_pad := outer_pad || set_byte('\\x00'::bytea, 0, b # 92);
+    END LOOP;
+    INSERT INTO ${LOG_SCHEMA}.wire_key (key, inner_pad, outer_pad) VALUES (k, inner_pad, outer_pad);
+  END
+  $key$;
+
+  -- The timeline the primary writes WAL on: a promotion or a point-in-time
+  -- recovery starts a new one.
+  CREATE FUNCTION ${LOG_SCHEMA}.current_timeline() RETURNS integer
+  LANGUAGE sql VOLATILE
+  AS $fn$ SELECT ('x' || substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8))::bit(32)::integer $fn$;
+
+  -- Ids stay exact as JavaScript numbers (src/event-id.ts); the timeline of
+  -- the last publish tells a fork.
+  ALTER TABLE ${LOG_SCHEMA}.log_head ADD COLUMN timeline integer;
+  UPDATE ${LOG_SCHEMA}.log_head SET timeline = ${LOG_SCHEMA}.current_timeline();
+  ALTER TABLE ${LOG_SCHEMA}.log_head ADD CONSTRAINT log_head_last_id_exact CHECK (last_id <= ${MAX_EVENT_ID});
+
+  -- One row per fork: the log continued on a new timeline after fork_id,
+  -- and ids in (fork_id, resumed_after] were never drawn on it (FORK_ID_GAP).
+  CREATE TABLE ${LOG_SCHEMA}.log_forks (
+    fork_id bigint NOT NULL,
+    resumed_after bigint NOT NULL,
+    timeline integer NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+  );
+
+  -- What publish_batch refuses, apart: SQLSTATE 22023 for arrays that do
+  -- not pair up or a bad channel name, 22004 for a NULL payload.
+  CREATE FUNCTION ${LOG_SCHEMA}.check_batch(channels text[], payloads text[])
+  RETURNS integer
+  LANGUAGE plpgsql
+  SET search_path = pg_catalog, pg_temp
+  AS $fn$
+  DECLARE
+    n integer := coalesce(cardinality(channels), 0);
+    bad text;
+  BEGIN
+    IF n <> coalesce(cardinality(payloads), 0) THEN
+      RAISE EXCEPTION 'channels and payloads differ in length' USING ERRCODE = '22023';
+    ELSIF n > 0 AND (array_ndims(channels) <> 1 OR array_ndims(payloads) <> 1 OR array_lower(channels, 1) <> 1 OR array_lower(payloads, 1) <> 1) THEN
+      RAISE EXCEPTION 'channels and payloads must be one-dimensional arrays indexed from 1' USING ERRCODE = '22023';
+    END IF;
+    SELECT c INTO bad FROM unnest(channels) AS c
+    WHERE c IS NULL OR octet_length(c) NOT BETWEEN 1 AND 63 OR c ~ '[^A-Za-z0-9_.:-]'
+    LIMIT 1;
+    IF FOUND THEN
+      RAISE EXCEPTION 'invalid channel name %', quote_nullable(bad) USING ERRCODE = '22023';
+    ELSIF array_position(payloads, NULL) IS NOT NULL THEN
+      RAISE EXCEPTION 'payload % is null', array_position(payloads, NULL) USING ERRCODE = '22004';
+    END IF;
+    RETURN n;
+  END
+  $fn$;
+
+  -- publish_batch runs as the log's owner (SECURITY DEFINER), the only role
+  -- that reads the wire key, with a search_path that no caller can change.
+  CREATE OR REPLACE FUNCTION ${LOG_SCHEMA}.publish_batch(channels text[], payloads text[])
+  RETURNS bigint[]
+  LANGUAGE plpgsql
+  SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $fn$
+  DECLARE
+    n integer := ${LOG_SCHEMA}.check_batch(channels, payloads);
+    first_id bigint;
+    head_timeline integer;
+    wal_timeline integer;
+  BEGIN
+    IF n = 0 THEN
+      RETURN ARRAY[]::bigint[];
+    END IF;
+    wal_timeline := ${LOG_SCHEMA}.current_timeline();
+    -- The row lock taken here is held until COMMIT: ids follow commit order.
+    UPDATE ${LOG_SCHEMA}.log_head SET last_id = last_id + n
+    RETURNING last_id - n + 1, log_head.timeline INTO first_id, head_timeline;
+    IF head_timeline IS DISTINCT FROM wal_timeline THEN
+      -- First publish on a new timeline: leave a hole over every id the
+      -- old one may have drawn after what reached this server.
+      UPDATE ${LOG_SCHEMA}.log_head SET last_id = last_id + ${FORK_ID_GAP}, timeline = wal_timeline;
+      INSERT INTO ${LOG_SCHEMA}.log_forks (fork_id, resumed_after, timeline)
+      VALUES (first_id - 1, first_id - 1 + ${FORK_ID_GAP}, wal_timeline);
+      first_id := first_id + ${FORK_ID_GAP};
+    END IF;
+
+    INSERT INTO ${LOG_SCHEMA}.events (id, channel, payload)
+    SELECT first_id + k - 1, c, p FROM unnest(channels, payloads) WITH ORDINALITY AS e(c, p, k);
+
+    -- pg_notify is volatile, so PostgreSQL calls it after the sort: in id
+    -- order. The MAC is HMAC-SHA-256 over the UTF-8 message.
+    PERFORM pg_notify(w.c, E'\\x1f' || w.id || ':' || encode(substr(sha256(key.outer_pad || sha256(key.inner_pad || convert_to(w.id || E'\\n' || w.c || w.inline, 'UTF8'))), 1, 16), 'hex') || w.inline)
+    FROM (
+      SELECT k, c, (first_id + k - 1)::text AS id, CASE WHEN octet_length(p) <= ${INLINE_PAYLOAD_BYTES} THEN E'\\n' || p ELSE '' END AS inline
+      FROM unnest(channels, payloads) WITH ORDINALITY AS e(c, p, k)
+    ) AS w, ${LOG_SCHEMA}.wire_key AS key
+    ORDER BY w.k;
+
+    RETURN ARRAY(SELECT first_id + k FROM generate_series(0, n - 1) AS k);
+  END
+  $fn$;
+  ALTER FUNCTION ${LOG_SCHEMA}.publish(text, text) SET search_path = pg_catalog, pg_temp;
   `
 ]
 
@@ -332,58 +513,65 @@ export async function readEvents (client: pg.ClientBase, ids: readonly string[])
   return rows
 }
 
+export interface LogBounds {
+  /** The id of the last committed event. */
+  head: EventId
+  /** Events up to this id have been pruned. */
+  prunedThrough: EventId
+  /**
+   * Set when the id asked about lies in the hole of a fork (FORK_ID_GAP): it
+   * was drawn on a timeline the log no longer follows, and this is the last
+   * id that the log kept from before the fork.
+   */
+  forkedAfter: EventId | undefined
+}
+
+function boundsOf (row: { head: string | null, pruned_through: string | null, forked_after: string | null } | undefined): LogBounds {
+  return {
+    head: Number(row?.head ?? 0),
+    prunedThrough: Number(row?.pruned_through ?? 0),
+    forkedAfter: row?.forked_after == null ? undefined : Number(row.forked_after)
+  }
+}
+
+const BOUNDS_COLUMNS = `(SELECT last_id FROM ${LOG_SCHEMA}.log_head)::text AS head,
+  (SELECT pruned_through FROM ${LOG_SCHEMA}.log_retention)::text AS pruned_through,
+  (SELECT max(fork_id) FROM ${LOG_SCHEMA}.log_forks WHERE fork_id < $1 AND resumed_after >= $1)::text AS forked_after`
+
+/** The log's head and retention, and whether `id` (default 0) lies in a fork's hole; one snapshot. */
+export async function readLogBounds (client: pg.ClientBase | pg.Pool, id: EventId = 0): Promise<LogBounds> {
+  const { rows } = await client.query<{ head: string, pruned_through: string, forked_after: string | null }>(`SELECT ${BOUNDS_COLUMNS}`, [id])
+  return boundsOf(rows[0])
+}
+
+/** What a listener reads on each (re)connect: the log's bounds as seen from its position, and the wire key. */
+export interface ListenerStart extends LogBounds {
+  /** The wire key; undefined when the database holds no log (yet). */
+  wireKey: Buffer | undefined
+}
+
 // 42P01: undefined_table. A listener may run on a database the gateway has
 // not migrated (yet): it then has no log to read.
 function isMissingTable (err: unknown): boolean {
   return (err as { code?: unknown }).code === '42P01'
 }
 
-/** The id of the last committed event (0 for an empty log). */
-export async function readLogHead (client: pg.ClientBase): Promise<number> {
+/** Reads the log's bounds from `position` and the wire key, in one statement. */
+export async function readListenerStart (client: pg.ClientBase, position: EventId): Promise<ListenerStart> {
   try {
-    const { rows } = await client.query<{ last_id: string }>(`SELECT last_id FROM ${LOG_SCHEMA}.log_head`)
-    return Number(rows[0]?.last_id ?? 0)
-  } catch (err) {
-    if (isMissingTable(err)) return 0
-    throw err
-  }
-}
-
-export interface LogBounds {
-  /** The id of the last committed event. */
-  head: number
-  /** Events up to this id have been pruned. */
-  prunedThrough: number
-}
-
-export async function readLogBounds (client: pg.ClientBase | pg.Pool): Promise<LogBounds> {
-  const { rows } = await client.query<{ head: string, pruned_through: string }>(
-    `SELECT (SELECT last_id FROM ${LOG_SCHEMA}.log_head) AS head, (SELECT pruned_through FROM ${LOG_SCHEMA}.log_retention) AS pruned_through`
-  )
-  return { head: Number(rows[0]?.head ?? 0), prunedThrough: Number(rows[0]?.pruned_through ?? 0) }
-}
-
-/** Up to `limit` events on the channels after an id, in id order. */
-export async function readEventsAfter (client: pg.ClientBase | pg.Pool, channels: readonly string[], afterId: number, limit: number): Promise<LoggedEvent[]> {
-  if (channels.length === 0) return []
-  try {
-    // ORDER BY events.id: a bare `id` would sort by the text output column
-    // ("10" before "9"), and a replay would then drop the lower ids as
-    // duplicates of the first one it sent.
-    const { rows } = await client.query<LoggedEvent>(
-      `SELECT id::text AS id, channel, payload FROM ${LOG_SCHEMA}.events
-       WHERE channel = ANY($1::text[]) AND id > $2 ORDER BY events.id LIMIT $3`,
-      [channels, afterId, limit]
+    const { rows } = await client.query<{ head: string, pruned_through: string, forked_after: string | null, key: Buffer }>(
+      `SELECT ${BOUNDS_COLUMNS}, (SELECT key FROM ${LOG_SCHEMA}.wire_key) AS key`,
+      [position]
     )
-    return rows
+    return { ...boundsOf(rows[0]), wireKey: rows[0]?.key ?? undefined }
   } catch (err) {
-    if (isMissingTable(err)) return []
+    if (isMissingTable(err)) return { head: 0, prunedThrough: 0, forkedAfter: undefined, wireKey: undefined }
     throw err
   }
 }
 
 /**
- * A page of readEventsAfter together with how far the log was pruned, both
+ * Up to `limit` events on the channels after an id, in id order, together with how far the log was pruned, both
  * read in one statement, hence one snapshot: a replay can tell that
  * retention deleted events after its position while it read (after it had
  * read the log's bounds, or between two pages), instead of skipping them

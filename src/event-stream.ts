@@ -1,5 +1,6 @@
 import type { OutgoingHttpHeaders, ServerResponse } from 'node:http'
 import type { EventSink } from './hub.js'
+import { encodeEvent } from './sse.js'
 
 export const EVENT_STREAM_HEADERS: OutgoingHttpHeaders = {
   'content-type': 'text/event-stream; charset=utf-8',
@@ -14,9 +15,14 @@ export const EVENT_STREAM_HEADERS: OutgoingHttpHeaders = {
 export const GATEWAY_EVENTS = {
   /** First on every stream: its id is where the stream starts. */
   open: 'gateway/open',
-  /** The Last-Event-ID asked for is no longer (or not) in the log. */
+  /**
+   * Logged events the stream will not get: the Last-Event-ID asked for is no
+   * longer (or not) in the log, retention pruned events while the listener
+   * was away, or the log forked (a failover lost events). Data:
+   * `{lastEventId, resumedAfter}`.
+   */
   missed: 'gateway/missed',
-  /** The listener was disconnected: plain NOTIFYs sent meanwhile are lost. */
+  /** The listener was disconnected: plain NOTIFYs sent meanwhile are lost (logged events are caught up, or told as missed). */
   gap: 'gateway/gap',
   /** The stream's token expired: the stream ends, the client reconnects with a fresh one. */
   expired: 'gateway/expired'
@@ -181,6 +187,27 @@ export class EventStream implements EventSink {
     this.#lastId = id
     if (this.ended) return false
     return this.#res.write(frame)
+  }
+
+  /**
+   * Tells the client about logged events it will not get in order, with a
+   * `gateway/missed` event (`{lastEventId, resumedAfter}`), and moves the
+   * stream's position to `resumedAfter`:
+   * - `pruned`: a stream behind it skips to it (the events in between are gone);
+   * - `forked`: a stream ahead of it goes back to it, so that events the log
+   *   now holds after it, with ids the stream may already have carried, still
+   *   reach it.
+   * Returns whether the stream was told.
+   */
+  missed (cause: 'pruned' | 'forked', resumedAfter: number): boolean {
+    if (cause === 'pruned' ? this.#lastId >= resumedAfter : this.#lastId <= resumedAfter) return false
+    const frame = Buffer.from(encodeEvent({
+      event: GATEWAY_EVENTS.missed,
+      data: JSON.stringify({ lastEventId: String(this.#lastId), resumedAfter: String(resumedAfter) })
+    }))
+    this.#lastId = resumedAfter
+    this.write(frame)
+    return true
   }
 
   /** Sends the held live events and goes live. */

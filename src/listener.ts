@@ -1,6 +1,7 @@
 import { EventEmitter } from 'node:events'
 import pg from 'pg'
-import { decodeNotification, readEvents, readEventsAfter, readLogHead } from './event-log.js'
+import type { EventId } from './event-id.js'
+import { decodeNotification, readEvents, readListenerStart, readReplayPage } from './event-log.js'
 
 export const LISTENER_APPLICATION_NAME = 'pg-sse-gateway:listener'
 
@@ -24,6 +25,21 @@ export interface ListenerOptions {
 
 export type ListenerState = 'live' | 'catching-up' | 'disconnected' | 'closed'
 
+/**
+ * Logged events a stream may have missed, or may have seen that the log no
+ * longer holds; told to every stream as `gateway/missed`.
+ * - `pruned`: retention deleted events after the listener's position while
+ *   it was away: streams behind `resumedAfter` skip to it.
+ * - `forked`: the log lost events the listener had already delivered (a
+ *   replica promoted without them, a point-in-time recovery): streams ahead
+ *   of `resumedAfter` go back to it, so that the events the log now holds
+ *   after it reach them, even where their ids were drawn again.
+ */
+export interface LogDiscontinuity {
+  cause: 'pruned' | 'forked'
+  resumedAfter: EventId
+}
+
 export interface ConnectedInfo {
   /** False on the first connection. */
   reconnected: boolean
@@ -33,6 +49,7 @@ export interface ConnectedInfo {
 
 interface ListenerEvents {
   event: [ChannelEvent]
+  discontinuity: [LogDiscontinuity]
   connected: [ConnectedInfo]
   disconnected: [Error]
   error: [Error]
@@ -81,6 +98,11 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
   #livenessTimer: NodeJS.Timeout | null = null
   #failures = 0
   #reconnects = 0
+  // The log's wire key: only notifications whose MAC it verifies are events.
+  #wireKey: Buffer | undefined
+  // The server session of the last connection, ended once a new one is up:
+  // after a partition it may linger for minutes, pinning the NOTIFY queue.
+  #previousBackend: { pid: number, startedAt: string } | undefined
   // The largest event id emitted: every logged event on a wanted channel up
   // to it has been emitted, since they arrive in id order.
   #position = 0
@@ -159,15 +181,31 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
     client.on('notification', (message) => this.#onNotification(message.channel, message.payload ?? ''))
     client.on('error', (err) => this.#onLost(client, err))
     client.on('end', () => this.#onLost(client, new Error('listener connection ended')))
+    let backend: { pid: number, startedAt: string }
+    let rewindTo: EventId | undefined
     try {
       await client.connect()
       // A listening session sits idle by design: a server-side idle timeout
-      // would silently cut it.
-      await client.query('SET idle_session_timeout = 0')
-      const { rows } = await client.query<{ standby: boolean }>('SELECT pg_is_in_recovery() AS standby')
+      // would silently cut it. And the server must drop the session when
+      // this end is gone without a FIN: otherwise it lingers in ClientWrite
+      // for the kernel's retransmission timeout (~15 min) and the
+      // cluster-wide NOTIFY queue cannot advance past it.
+      await client.query(`SET idle_session_timeout = 0; SET tcp_user_timeout = ${this.#serverTimeoutMs}; ` +
+        'SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3')
+      const { rows } = await client.query<{ standby: boolean, pid: number, started_at: string }>(
+        'SELECT pg_is_in_recovery() AS standby, pg_backend_pid() AS pid, backend_start::text AS started_at FROM pg_stat_activity WHERE pid = pg_backend_pid()'
+      )
       // LISTEN fails on a standby; after a failover, wait for the primary.
       if (rows[0]?.standby === true) throw new Error('the server is a standby: LISTEN needs a primary')
-      if (!this.#everConnected) this.#position = await readLogHead(client)
+      backend = { pid: rows[0]?.pid ?? 0, startedAt: rows[0]?.started_at ?? '' }
+      const start = await readListenerStart(client, this.#position)
+      this.#wireKey = start.wireKey
+      if (!this.#everConnected) this.#position = start.head
+      // The log no longer holds what was delivered up to the position: it
+      // forked (a hole in the ids tells), or its head fell behind before
+      // anything was published on the new timeline.
+      else if (start.forkedAfter !== undefined) rewindTo = start.forkedAfter
+      else if (start.head < this.#position) rewindTo = start.head
     } catch (err) {
       client.removeAllListeners('end')
       await client.end().catch(() => {})
@@ -183,7 +221,16 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
     this.#catchingUp = reconnected
     try {
       await this.#converge()
-      const caughtUp = reconnected ? await this.#catchUp(client) : 0
+      let caughtUp = 0
+      if (reconnected) {
+        await this.#endPreviousBackend(client)
+        if (rewindTo !== undefined) {
+          this.#position = rewindTo
+          this.emit('discontinuity', { cause: 'forked', resumedAfter: rewindTo })
+        }
+        caughtUp = await this.#catchUp(client)
+      }
+      this.#previousBackend = backend
       this.#failures = 0
       if (reconnected) this.#reconnects++
       this.#everConnected = true
@@ -195,20 +242,50 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
     }
   }
 
+  // How long the server waits on a silent client (tcp_user_timeout, ms):
+  // well above a liveness round, so that a slow but live gateway is never
+  // cut, yet bounded.
+  get #serverTimeoutMs (): number {
+    return Math.max(10_000, 2 * (this.#options.livenessIntervalMs + this.#options.livenessTimeoutMs))
+  }
+
+  // Ends the previous connection's server session if it is still there
+  // (the same pid and start time: never another session that reuses the
+  // pid). Best effort: a role may lack the right to signal it.
+  async #endPreviousBackend (client: pg.Client): Promise<void> {
+    const previous = this.#previousBackend
+    if (previous === undefined) return
+    try {
+      await client.query(
+        'SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = $1 AND backend_start::text = $2 AND pid <> pg_backend_pid()',
+        [previous.pid, previous.startedAt]
+      )
+    } catch (err) {
+      this.emit('error', new Error(`could not end the previous listener session (pid ${previous.pid}): ${(err as Error).message}`))
+    }
+  }
+
   // Emits, in id order, the logged events on wanted channels committed since
   // the last one emitted. LISTEN is already in place, so whatever commits
   // from now on arrives live and waits in #pending; duplicates are dropped
-  // there by id.
+  // there by id. Each page is read with the log's retention in one
+  // snapshot: events pruned past the position before they could be read
+  // are told as a discontinuity, never skipped silently.
   async #catchUp (client: pg.Client): Promise<number> {
+    if (this.#wireKey === undefined) return 0
     let count = 0
     for (;;) {
-      const rows = await readEventsAfter(client, [...this.#wanted], this.#position, CATCH_UP_PAGE)
-      for (const row of rows) {
+      const { prunedThrough, events } = await readReplayPage(client, [...this.#wanted], this.#position, CATCH_UP_PAGE)
+      if (prunedThrough > this.#position) {
+        this.#position = prunedThrough
+        this.emit('discontinuity', { cause: 'pruned', resumedAfter: prunedThrough })
+      }
+      for (const row of events) {
         this.#position = Number(row.id)
         this.emit('event', { channel: row.channel, id: row.id, data: row.payload })
       }
-      count += rows.length
-      if (rows.length < CATCH_UP_PAGE) return count
+      count += events.length
+      if (events.length < CATCH_UP_PAGE) return count
     }
   }
 
@@ -318,10 +395,10 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
   }
 
   #onNotification (channel: string, payload: string): void {
-    const decoded = decodeNotification(payload)
+    const decoded = decodeNotification(channel, payload, this.#wireKey)
     this.#pending.push(decoded === null
       ? { channel, id: undefined, data: payload }
-      : { channel, id: decoded.id, data: decoded.data })
+      : { channel, id: String(decoded.id), data: decoded.data })
     if (!this.#draining && !this.#catchingUp) this.#startDrain()
   }
 

@@ -1,7 +1,8 @@
 import pg from 'pg'
 import t from 'tap'
-import { INLINE_PAYLOAD_BYTES, SCHEMA_VERSION, decodeNotification, migrate, publishEvents, readEvents } from '../src/event-log.js'
-import { connect, consecutive, createDatabase, listenOn } from './helper.js'
+import { MAX_EVENT_ID } from '../src/event-id.js'
+import { INLINE_PAYLOAD_BYTES, SCHEMA_VERSION, decodeNotification, encodeNotification, migrate, publishEvents, readEvents } from '../src/event-log.js'
+import { connect, consecutive, createDatabase, listenOn, readWireKey } from './helper.js'
 
 interface Teardown {
   teardown (fn: () => unknown): void
@@ -37,33 +38,51 @@ const url = await createDatabase(t)
 const db = await connect(t, url)
 await migrate(db)
 const pool = poolFor(t, url)
+const wireKey = await readWireKey(db)
+/** The notification publish_batch sends for an inline event. */
+const wire = (channel: string, id: string, payload: string): string => encodeNotification(wireKey, Number(id), channel, payload)
 
 t.test('decodeNotification', async (t) => {
+  const key = Buffer.alloc(32, 7)
+  const genuine = (id: number, channel: string, data: string | undefined): string => encodeNotification(key, id, channel, data)
+
   t.test('a payload without the marker is plain', async (t) => {
     for (const payload of ['', 'plain', '42\nx', ' \x1f42\nx', 'x\x1f42\ny', '{"id":1}']) {
-      t.equal(decodeNotification(payload), null, JSON.stringify(payload))
+      t.equal(decodeNotification('c', payload, key), null, JSON.stringify(payload))
     }
   })
 
-  t.test('a marker followed by anything but a valid id is plain', async (t) => {
+  t.test('a marker followed by anything but an id and a MAC is plain', async (t) => {
+    const mac = genuine(1, 'c', 'x').slice(3, 35)
     const cases = [
-      '\x1f', '\x1f\n', '\x1f\nx', '\x1fabc', '\x1fabc\nx', '\x1f0', '\x1f0\nx', '\x1f01\nx', '\x1f-1\nx',
-      '\x1f 1\nx', '\x1f1 \nx', '\x1f1a\nx', '\x1f+1', '\x1f1.5', '\x1f' + '1'.repeat(20), '\x1f\x1f1\nx'
+      '\x1f', '\x1f\n', '\x1f\nx', '\x1fabc', '\x1fabc\nx', '\x1f1\nx', '\x1f1', `\x1f0:${mac}\nx`, `\x1f-1:${mac}\nx`,
+      `\x1f 1:${mac}\nx`, `\x1f1 :${mac}\nx`, `\x1f1:${mac}0\nx`, `\x1f1:${mac.slice(1)}\nx`, `\x1f:${mac}\nx`,
+      '\x1f' + '1'.repeat(20) + `:${mac}\nx`, `\x1f9007199254740992:${mac}\nx`, `\x1f\x1f1:${mac}\nx`
     ]
-    for (const payload of cases) t.equal(decodeNotification(payload), null, JSON.stringify(payload))
+    for (const payload of cases) t.equal(decodeNotification('c', payload, key), null, JSON.stringify(payload))
+  })
+
+  t.test('a forged event is plain: any role may NOTIFY, only the key makes the MAC', async (t) => {
+    t.equal(decodeNotification('c', genuine(9, 'c', 'x').replace('\nx', '\ny'), key), null, 'another payload')
+    t.equal(decodeNotification('d', genuine(9, 'c', 'x'), key), null, 'another channel')
+    t.equal(decodeNotification('c', genuine(9, 'c', 'x').replace('9:', '10:'), key), null, 'another id')
+    t.equal(decodeNotification('c', genuine(9, 'c', undefined) + '\nx', key), null, 'a reference made inline')
+    t.equal(decodeNotification('c', genuine(9, 'c', 'x').replace('\nx', ''), key), null, 'an inline event made a reference')
+    t.equal(decodeNotification('c', encodeNotification(Buffer.alloc(32, 8), 9, 'c', 'x'), key), null, 'another key')
+    t.equal(decodeNotification('c', genuine(9, 'c', 'x'), undefined), null, 'no key: no log, every notification is plain')
   })
 
   t.test('an inline event carries its id and its payload verbatim', async (t) => {
-    t.same(decodeNotification('\x1f42\nhello'), { id: '42', data: 'hello' })
-    t.same(decodeNotification('\x1f1\n'), { id: '1', data: '' }, 'an empty payload is still inline')
-    t.same(decodeNotification('\x1f7\na\nb\r\n'), { id: '7', data: 'a\nb\r\n' }, 'only the first newline separates')
-    t.same(decodeNotification('\x1f7\n\x1f8\nx'), { id: '7', data: '\x1f8\nx' }, 'a payload may itself look like a marker')
-    t.same(decodeNotification('\x1f9223372036854775807\nmax'), { id: '9223372036854775807', data: 'max' }, 'the largest bigint')
+    t.same(decodeNotification('c', genuine(42, 'c', 'hello'), key), { id: 42, data: 'hello' })
+    t.same(decodeNotification('c', genuine(1, 'c', ''), key), { id: 1, data: '' }, 'an empty payload is still inline')
+    t.same(decodeNotification('c', genuine(7, 'c', 'a\nb\r\n'), key), { id: 7, data: 'a\nb\r\n' }, 'only the first newline separates')
+    t.same(decodeNotification('c', genuine(7, 'c', '\x1f8\nx'), key), { id: 7, data: '\x1f8\nx' }, 'a payload may itself look like a marker')
+    t.same(decodeNotification('c', genuine(MAX_EVENT_ID, 'c', 'max'), key), { id: MAX_EVENT_ID, data: 'max' }, 'the largest id')
   })
 
   t.test('a reference carries its id and no payload', async (t) => {
-    const decoded = decodeNotification('\x1f123')
-    t.same(decoded, { id: '123', data: undefined })
+    const decoded = decodeNotification('c', genuine(123, 'c', undefined), key)
+    t.same(decoded, { id: 123, data: undefined })
     t.equal(decoded?.data, undefined)
   })
 })
@@ -136,7 +155,7 @@ t.test('ids are returned in order, gap-free, one per event', async (t) => {
   const payloads = ['pool 1', 'pool 2', 'pool 3', 'pool 4', 'pool 5', 'sql 1', 'sql 2', 'sql 3', 'sql single']
   t.same(await readEvents(db, all), all.map((id, i) => ({ id, channel: 'ids', payload: payloads[i] })), 'one row per event')
   await inbox.until(() => inbox.messages.length >= 9, 'nine notifications')
-  t.same(inbox.payloads('ids'), all.map((id, i) => `\x1f${id}\n${payloads[i] as string}`), 'one notification per event, in id order')
+  t.same(inbox.payloads('ids'), all.map((id, i) => wire('ids', id, payloads[i] as string)), 'one notification per event, in id order')
 })
 
 t.test('a rolled back publish delivers nothing, leaves no row and returns its id', async (t) => {
@@ -148,7 +167,7 @@ t.test('a rolled back publish delivers nothing, leaves no row and returns its id
 
   const kept = await publishSql(db, 'rollback', 'committed')
   await inbox.until(() => inbox.messages.length >= 1, 'the committed event')
-  t.same(inbox.payloads('rollback'), [`\x1f${kept}\ncommitted`], 'only the committed event arrives')
+  t.same(inbox.payloads('rollback'), [wire('rollback', kept, 'committed')], 'only the committed event arrives')
   t.equal(kept, doomed, 'the committed event reuses the id the rollback returned: no gap')
   const { rows } = await db.query("SELECT id FROM sse_gateway.events WHERE payload = 'never'")
   t.equal(rows.length, 0, 'no row left')
@@ -161,7 +180,7 @@ t.test('a failed publishEvents rolls back the whole batch', async (t) => {
   t.equal(await lastId(db), before, 'no id taken')
   const id = await publishSql(db, 'atomic', 'sentinel')
   await inbox.until(() => inbox.messages.length >= 1, 'the sentinel')
-  t.same(inbox.payloads('atomic'), [`\x1f${id}\nsentinel`], 'the valid half of the batch was not delivered')
+  t.same(inbox.payloads('atomic'), [wire('atomic', id, 'sentinel')], 'the valid half of the batch was not delivered')
   const { rows } = await db.query("SELECT id FROM sse_gateway.events WHERE channel = 'atomic'")
   t.equal(rows.length, 1)
 })
@@ -198,15 +217,25 @@ t.test('the wire format: inline up to INLINE_PAYLOAD_BYTES, a reference beyond',
   for (const [, payload] of cases) ids.push(await publishSql(db, 'wire', payload))
   await inbox.until(() => inbox.messages.length >= cases.length, `${cases.length} notifications`)
   const rows = await readEvents(db, ids)
+  const key = await readWireKey(db)
   cases.forEach(([name, payload, inline], i) => {
     const id = ids[i] as string
     const received = inbox.messages[i]?.payload
-    if (inline) t.equal(received, `\x1f${id}\n${payload}`, `${name}: "\\x1f<id>\\n<payload>"`)
-    else t.equal(received, `\x1f${id}`, `${name}: "\\x1f<id>"`)
+    // The MAC made in SQL is the one Node makes: HMAC-SHA-256 of the same UTF-8 bytes.
+    t.equal(received, encodeNotification(key, Number(id), 'wire', inline ? payload : undefined), `${name}: ${inline ? '"\\x1f<id>:<mac>\\n<payload>"' : '"\\x1f<id>:<mac>"'}`)
     t.equal(rows[i]?.payload, payload, `${name}: the row holds the payload`)
-    t.same(decodeNotification(received ?? ''), { id, data: inline ? payload : undefined }, `${name}: decodes`)
+    t.same(decodeNotification('wire', received ?? '', key), { id: Number(id), data: inline ? payload : undefined }, `${name}: decodes`)
   })
   t.equal(Buffer.byteLength(cases[5]?.[1] ?? ''), INLINE_PAYLOAD_BYTES, 'the two-byte case sits on the limit')
+})
+
+t.test('the log draws no id past MAX_EVENT_ID, the largest every reader takes', async (t) => {
+  const url = await createDatabase(t)
+  const db = await connect(t, url)
+  await migrate(db)
+  await db.query('UPDATE sse_gateway.log_head SET last_id = $1', [MAX_EVENT_ID - 1])
+  t.equal(await publishSql(db, 'edge', 'last'), String(MAX_EVENT_ID), 'the largest id is drawn')
+  await t.rejects(publishSql(db, 'edge', 'one more'), { code: '23514' }, 'the next is refused (check_violation)')
 })
 
 t.test('two identical events in one batch are two notifications', async (t) => {
@@ -223,8 +252,8 @@ t.test('two identical events in one batch are two notifications', async (t) => {
   await inbox.until(() => inbox.messages.length >= 5, 'five notifications')
   t.same(inbox.payloads('twins'), [
     'folded',
-    `\x1f${ids[0] as string}\nsame`, `\x1f${ids[1] as string}\nsame`,
-    `\x1f${sqlIds[0] as string}\nsql`, `\x1f${sqlIds[1] as string}\nsql`
+    wire('twins', ids[0] as string, 'same'), wire('twins', ids[1] as string, 'same'),
+    wire('twins', sqlIds[0] as string, 'sql'), wire('twins', sqlIds[1] as string, 'sql')
   ])
 })
 
@@ -251,7 +280,7 @@ t.test('ids follow commit order: a second publisher waits for the first to commi
   await second.query('COMMIT')
   t.equal(BigInt(id), BigInt(firstId) + 1n, 'the later committer gets the next, larger id')
   await inbox.until(() => inbox.messages.length >= 2, 'both events')
-  t.same(inbox.payloads('order'), [`\x1f${firstId}\nfirst`, `\x1f${id}\nsecond`], 'delivered in id order')
+  t.same(inbox.payloads('order'), [wire('order', firstId, 'first'), wire('order', id, 'second')], 'delivered in id order')
 })
 
 t.test('a waiting publisher takes the ids a rolled back one returns', async (t) => {

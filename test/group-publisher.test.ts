@@ -2,11 +2,12 @@ import pg from 'pg'
 import t from 'tap'
 import { decodeNotification, migrate } from '../src/event-log.js'
 import { GroupPublisher } from '../src/group-publisher.js'
-import { connect, consecutive, createDatabase, listenOn, refuseAtCommit, type Test, within } from './helper.js'
+import { connect, consecutive, createDatabase, listenOn, readWireKey, refuseAtCommit, type Test, within } from './helper.js'
 
 const url = await createDatabase(t)
 const db = await connect(t, url)
 await migrate(db)
+const key = await readWireKey(db)
 
 const LIMITS = { maxEvents: 1000, maxBytes: 1024 * 1024, maxWaitMs: 30_000 }
 
@@ -54,8 +55,8 @@ t.test('publishes that wait while one commits go together, in one transaction, i
 
   await inbox.until(() => inbox.messages.length >= 8, 'eight notifications')
   const received = inbox.payloads('grouped')
-  t.same(received.map((p) => decodeNotification(p)?.data), ['first', 'a1', 'a2', 'b1', 'c1', 'c2', 'c3', 'd1'], 'delivered in id order')
-  t.same(received.map((p) => decodeNotification(p)?.id), all, 'each with its id')
+  t.same(received.map((p) => decodeNotification('grouped', p, key)?.data), ['first', 'a1', 'a2', 'b1', 'c1', 'c2', 'c3', 'd1'], 'delivered in id order')
+  t.same(received.map((p) => String(decodeNotification('grouped', p, key)?.id)), all, 'each with its id')
 })
 
 t.test('a group holds at most maxEvents events and maxBytes bytes; a larger publish goes alone', async (t) => {
@@ -92,7 +93,7 @@ t.test('a value the database refuses fails its own publish only: the group is sp
 
   await inbox.until(() => inbox.messages.length >= 3, 'three notifications')
   const received = inbox.payloads('refused')
-  t.same(received.map((p) => decodeNotification(p)?.data), ['first', 'good 1', 'good 2'], 'nothing of the refused publish is delivered, not even its good half')
+  t.same(received.map((p) => decodeNotification('refused', p, key)?.data), ['first', 'good 1', 'good 2'], 'nothing of the refused publish is delivered, not even its good half')
   const { rows } = await db.query("SELECT payload FROM sse_gateway.events WHERE channel = 'refused' ORDER BY id")
   t.same(rows.map((r) => r.payload), ['first', 'good 1', 'good 2'], 'nor logged')
 })

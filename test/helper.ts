@@ -316,6 +316,12 @@ export class Inbox {
   }
 }
 
+/** The log's wire key (src/event-log.ts), to make or read gateway notifications. */
+export async function readWireKey (db: pg.ClientBase): Promise<Buffer> {
+  const { rows } = await db.query<{ key: Buffer }>('SELECT key FROM sse_gateway.wire_key')
+  return rows[0]?.key as Buffer
+}
+
 /** A plain client LISTENing on the channels, ended when the test ends. */
 export async function listenOn (t: Teardown, url: string, ...channels: string[]): Promise<Inbox> {
   const client = await connect(t, url)

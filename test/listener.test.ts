@@ -1,9 +1,9 @@
 import { once } from 'node:events'
 import pg from 'pg'
 import t from 'tap'
-import { migrate, publishEvents } from '../src/event-log.js'
+import { encodeNotification, migrate, publishEvents } from '../src/event-log.js'
 import { LISTENER_APPLICATION_NAME, ListenerConnection, type ChannelEvent, type ListenerOptions } from '../src/listener.js'
-import { connect, createDatabase, seededRandom } from './helper.js'
+import { connect, createDatabase, readWireKey, seededRandom } from './helper.js'
 
 interface Teardown {
   teardown (fn: () => unknown): void
@@ -272,14 +272,32 @@ t.test('large payloads arrive complete and in id order among small ones', async 
   t.same(received.errors, [])
 })
 
-t.test('a reference to another channel\'s row or to no row is dropped', async (t) => {
+t.test('a notification forged to look like an event is plain text: it moves no position and replaces no payload', async (t) => {
   const { listener, received } = await startListener(t)
   await listener.listen('forged')
-  const id = await publish('elsewhere', 'x'.repeat(9000))
-  await notify(db, 'forged', `\x1f${id}`)
-  await notify(db, 'forged', '\x1f999999999')
+  const key = await readWireKey(db)
+  const big = await publish('elsewhere', 'x'.repeat(9000))
+  const before = listener.position
+  // Any role may NOTIFY any channel: the old wire form, a reference to
+  // another channel's row, a far id, a MAC made with another key, a genuine
+  // notification of another channel replayed on this one.
+  const forgeries = [
+    `\x1f${big}`,
+    '\x1f900000000000\nhello',
+    `\x1f900000000000:${'0'.repeat(32)}\nhello`,
+    encodeNotification(Buffer.alloc(32, 1), 900000000000, 'forged', 'hello'),
+    encodeNotification(key, Number(big), 'elsewhere', undefined)
+  ]
+  for (const payload of forgeries) await notify(db, 'forged', payload)
   await settle(received)
-  t.same(received.on('forged'), [], 'neither is delivered')
+  t.same(received.on('forged'), forgeries.map((data) => ({ channel: 'forged', id: undefined, data })), 'each delivered verbatim, without an id')
+  t.equal(listener.position, before, 'the position did not move')
+
+  // A real event after them is not taken for one already seen.
+  const real = await publish('forged', 'real')
+  await received.until(() => received.on('forged').some((e) => e.id === real), 'the real event')
+  t.same(received.on('forged').at(-1), { channel: 'forged', id: real, data: 'real' }, 'the real event arrives with its id and payload')
+  t.same(received.errors, [])
 })
 
 t.test('after its backend is terminated it reconnects and LISTENs every channel again', async (t) => {

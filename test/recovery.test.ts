@@ -69,6 +69,32 @@ async function theListenerBackend (db: pg.Client): Promise<Backend> {
   return backends[0] as Backend
 }
 
+t.test('a NOTIFY forged to look like a logged event silences nothing: it arrives as text, and real events go on', async (t) => {
+  const gateway = await startGateway(t)
+  const db = await connect(t, gateway.databaseUrl)
+  // A role that may not read the log, as a trigger relaying user text would run.
+  const role = `forger_${process.pid}_${Date.now()}`
+  await db.query(`CREATE ROLE ${role} LOGIN PASSWORD 'forger'`)
+  t.teardown(async () => { await db.query(`DROP ROLE IF EXISTS ${role}`) })
+  const url = new URL(gateway.databaseUrl)
+  url.username = role
+  url.password = 'forger'
+  const forger = await connect(t, url.toString())
+  await t.rejects(forger.query('SELECT key FROM sse_gateway.wire_key'), { code: '42501' }, 'the forger cannot read the wire key')
+
+  const stream = await openStream(t, streamUrl(gateway.baseUrl, ['a', 'b']), subscriber(gateway))
+  await forger.query("SELECT pg_notify('a', E'\\x1f900000000000\\nhello')")
+  await forger.query("SELECT pg_notify('a', E'\\x1f900000000001:0123456789abcdef0123456789abcdef\\nhello')")
+  const id = await published(gateway, 'b', 'x')
+  await waitForData(stream, 'x')
+  t.same(stream.events, [
+    { id: undefined, event: 'a', data: '\x1f900000000000\nhello' },
+    { id: undefined, event: 'a', data: '\x1f900000000001:0123456789abcdef0123456789abcdef\nhello' },
+    { id, event: 'b', data: 'x' }
+  ], 'the forgeries as text without an id, then the real event with its id')
+  t.equal(gateway.app.listener.position, Number(id), 'the listener\'s position is the real event\'s')
+})
+
 t.test('a listener backend killed mid-stream loses no event and delivers none twice', async (t) => {
   const gateway = await startGateway(t)
   const db = await connect(t, gateway.databaseUrl)
@@ -149,9 +175,12 @@ t.test('a half-open listener connection is noticed within the liveness timeout a
   const info = await within(reconnected, 'the listener to reconnect', 5000)
   t.equal(info.reconnected, true)
   t.ok(proxy.pairs.length > pairsAtFreeze, 'the listener reconnected through a new proxied connection')
+  // The server never heard of the loss: left alone, the silent backend would
+  // linger for the kernel's retransmission timeout, pinning the NOTIFY queue.
+  await eventually(async () => !(await listenerBackends(db)).some((b) => b.pid === backend.pid), 'the silent backend to be ended')
   const pids = (await listenerBackends(db)).map((b) => b.pid)
-  t.ok(pids.includes(backend.pid), 'the silent backend lives on: the server never heard of the loss')
-  t.equal(pids.filter((pid) => pid !== backend.pid).length, 1, 'and a new listener backend serves the gateway')
+  t.notOk(pids.includes(backend.pid), 'the gateway ended the silent backend once reconnected')
+  t.equal(pids.length, 1, 'and a new listener backend serves the gateway')
 
   const after: string[] = []
   for (let i = 0; i < 5; i++) after.push(await publishSql(db, 'orders', `after ${i}`))

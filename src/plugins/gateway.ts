@@ -38,6 +38,13 @@ export default fp<GatewayPluginOptions>(async function gatewayPlugin (app, { con
     metrics.fanOutDuration.observe((performance.now() - started) / 1000)
     metrics.eventsReceived.inc({ kind: event.id === undefined ? 'plain' : 'logged' })
   })
+  listener.on('discontinuity', ({ cause, resumedAfter }) => {
+    let told = 0
+    for (const stream of streams) if (stream.missed(cause, resumedAfter)) told++
+    app.log.warn({ cause, resumedAfter, streamsTold: told }, cause === 'pruned'
+      ? 'retention pruned events the listener had not read while away; streams told'
+      : 'the event log forked (a failover lost events already delivered); streams told and rewound')
+  })
   listener.on('connected', ({ reconnected, caughtUp }) => {
     if (!reconnected) {
       app.log.info('listener connected')

@@ -6,6 +6,7 @@ import { BadRequestError, UnavailableError } from '../errors.js'
 import { EVENT_STREAM_HEADERS, EventStream, GATEWAY_EVENTS } from '../event-stream.js'
 import { type LogBounds, readLogBounds, readReplayPage } from '../event-log.js'
 import { encodeEvent, encodeRetry } from '../sse.js'
+import { type EventId, MAX_EVENT_ID, parseEventId } from '../event-id.js'
 import { checkChannelNames, publishAll, toPayload, utf8BodyParser } from './publishing.js'
 import { API_ROUTE } from '../plugins/security.js'
 
@@ -23,22 +24,25 @@ const StreamQuery = Type.Object({
 // Pages of the log a replay reads at a time.
 const REPLAY_PAGE = 500
 
-function parseEventId (value: string | string[] | undefined): number | undefined {
+function resumeId (value: string | string[] | undefined): EventId | undefined {
   if (value === undefined) return undefined
-  if (typeof value !== 'string' || !/^[0-9]{1,15}$/.test(value.trim())) {
-    throw new BadRequestError('Last-Event-ID must be an event id: the digits of an id: field')
-  }
-  return Number(value.trim())
+  const id = typeof value === 'string' ? parseEventId(value.trim()) : undefined
+  if (id === undefined) throw new BadRequestError(`Last-Event-ID must be an event id: the digits of an id: field, at most ${MAX_EVENT_ID}`)
+  return id
 }
 
 /**
  * Where a stream starts: after the id it resumes from, or at the log's head.
  * An id the log no longer holds (pruned), or never held (beyond the head,
- * e.g. from another database), is answered with a `gateway/missed` event
+ * e.g. from another database), or drawn on a timeline the log forked away
+ * from, is answered with a `gateway/missed` event
  * and the stream starts from what the log has.
  */
 function startPosition (resumeFrom: number | undefined, bounds: LogBounds): { after: number, missed: boolean } {
   if (resumeFrom === undefined) return { after: bounds.head, missed: false }
+  // An id from a timeline the log no longer follows (a failover lost it):
+  // the stream goes on from the last event kept before the fork.
+  if (bounds.forkedAfter !== undefined) return { after: bounds.forkedAfter, missed: true }
   if (resumeFrom > bounds.head) return { after: bounds.head, missed: true }
   if (resumeFrom < bounds.prunedThrough) return { after: bounds.prunedThrough, missed: true }
   return { after: resumeFrom, missed: false }
@@ -154,7 +158,7 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
     checkChannelNames(channels)
     // EventSource sends the header on reconnect; the query parameter serves
     // a first connection from a client that kept its place.
-    const resumeFrom = parseEventId(request.headers['last-event-id'] ?? request.query.lastEventId)
+    const resumeFrom = resumeId(request.headers['last-event-id'] ?? request.query.lastEventId)
     // Counted before the token is checked (a ticket is spent by the check);
     // released when the response closes, however the request ends.
     const releaseSlot = app.streamLimits.acquire(request.ip)
@@ -179,7 +183,7 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
     }
     try {
       // Read after the LISTENs took effect: whatever commits later arrives live.
-      bounds = await readLogBounds(app.pg.pool)
+      bounds = await readLogBounds(app.pg.pool, resumeFrom)
     } catch {
       unsubscribe()
       throw new UnavailableError('the event log cannot be read right now; retry shortly')

@@ -309,6 +309,25 @@ t.test('a malformed Last-Event-ID is refused with 400 and the gateway goes on', 
   t.same(stream.events, [{ id, event: 'c', data: 'still delivering' }])
 })
 
+t.test('every id the log can hold is taken as Last-Event-ID, by header and by query', async (t) => {
+  const gateway = await startGateway(t)
+  const headers = subscriber(gateway)
+  const largest = String(Number.MAX_SAFE_INTEGER)
+  for (const [how, url, extra] of [
+    ['header', streamUrl(gateway.baseUrl, ['c']), { 'last-event-id': largest }],
+    ['query', streamUrl(gateway.baseUrl, ['c'], { lastEventId: largest }), {}],
+    ['header with leading zeros', streamUrl(gateway.baseUrl, ['c']), { 'last-event-id': '000' + largest }]
+  ] as const) {
+    const stream = await openStream(t, url, { ...headers, ...extra })
+    t.equal(stream.response.status, 200, `${how}: 200, the stream goes on`)
+    await within(stream.until(() => stream.control.length >= 2, 'gateway/missed'), 'gateway/missed')
+    t.match(stream.control[1], { event: 'gateway/missed', data: JSON.stringify({ lastEventId: largest, resumedAfter: '0' }) }, `${how}: beyond the head, so missed`)
+  }
+  const res = await fetch(streamUrl(gateway.baseUrl, ['c']), { headers: { ...headers, 'last-event-id': String(Number.MAX_SAFE_INTEGER + 1) } })
+  t.equal(res.status, 400, 'one more than any id the log can hold is refused')
+  await res.body?.cancel()
+})
+
 t.test('an id beyond the head gets gateway/missed, then live events', async (t) => {
   const gateway = await startGateway(t)
   const db = await connect(t, gateway.databaseUrl)
