@@ -41,9 +41,60 @@ const POOL_STATEMENT_TIMEOUT_MS = 10_000
 
 const PUBLIC_DIR = fileURLToPath(new URL('../public/', import.meta.url))
 
-/** Hides the token a URL may carry (EventSource sends it as ?access_token=). */
+/**
+ * Hides the token a URL may carry (EventSource sends it as ?access_token=):
+ * the value of every query parameter named access_token once its name is
+ * decoded as the query parser decodes it (`access%5Ftoken`, `%61ccess_token`
+ * reach the route as access_token too).
+ */
 export function redactUrl (url: string): string {
-  return url.replace(/([?&]access_token=)[^&#]*/gi, '$1[redacted]')
+  const query = url.indexOf('?')
+  if (query < 0) return url
+  const params = url.slice(query + 1).split('&').map((param) => {
+    const equals = param.indexOf('=')
+    if (equals < 0) return param
+    const name = param.slice(0, equals)
+    return decodeParamName(name).toLowerCase() === 'access_token' ? `${name}=[redacted]` : param
+  })
+  return url.slice(0, query + 1) + params.join('&')
+}
+
+function decodeParamName (name: string): string {
+  if (!name.includes('%') && !name.includes('+')) return name
+  // Each %XX on its own: a malformed escape elsewhere in the name (which
+  // makes decodeURIComponent throw) must not hide one that spells the name.
+  return name.replace(/\+/g, ' ').replace(/%([0-9A-Fa-f]{2})/g, (_match, hex: string) => String.fromCharCode(parseInt(hex, 16)))
+}
+
+// Fastify's own errors, in words that repeat nothing of the request: its
+// messages quote the URL (a bad URL), the content type, or the body.
+const FRAMEWORK_MESSAGES: Record<string, string> = {
+  FST_ERR_BAD_URL: 'the URL is malformed: check its percent-encoding',
+  FST_ERR_MAX_PARAM_LENGTH: 'a path segment is too long',
+  FST_ERR_ASYNC_CONSTRAINT: 'the request could not be routed',
+  FST_ERR_CTP_INVALID_MEDIA_TYPE: 'unsupported content type: send application/json or text/plain',
+  FST_ERR_CTP_BODY_TOO_LARGE: 'the body is larger than this route accepts',
+  FST_ERR_CTP_INVALID_CONTENT_LENGTH: 'the body does not match its Content-Length',
+  FST_ERR_CTP_EMPTY_JSON_BODY: 'the body is empty: send JSON'
+}
+
+/**
+ * The message a client gets for an error: ours (GW_ codes) and schema
+ * validation as written, Fastify's own in fixed words, anything else only
+ * as its status, since it may quote input, SQL or internals.
+ */
+function clientMessage (err: FastifyError, statusCode: number): string {
+  const code = err.code ?? ''
+  if (code.startsWith('GW_') || code === 'FST_ERR_VALIDATION') return err.message
+  return FRAMEWORK_MESSAGES[code] ?? (statusCode < 500 ? `the request was refused: ${(STATUS_CODES[statusCode] ?? 'error').toLowerCase()}` : 'Internal Server Error')
+}
+
+/** Answers an error as every API answer: its security headers and {statusCode, error, message}. */
+function sendError (reply: FastifyReply, err: FastifyError, statusCode: number): void {
+  // A refusal from a global hook (URL too long, overloaded) comes before
+  // the route's own hook that sets the API's security headers.
+  if (!reply.hasHeader('x-content-type-options')) reply.headers(API_SECURITY_HEADERS)
+  reply.code(statusCode).send({ statusCode, error: STATUS_CODES[statusCode] ?? 'Error', message: clientMessage(err, statusCode) })
 }
 
 export function loggerOptions (level: string): Exclude<FastifyServerOptions['logger'], boolean | undefined> {
@@ -69,24 +120,25 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
     // Node answers a larger request line plus headers with a JSON 431.
     http: { maxHeaderSize: config.MAX_HEADER_BYTES },
     // Behind a proxy, request.ip (rate and stream limits, logs) is the client's only when trusted.
-    trustProxy: config.trustProxy
+    trustProxy: config.trustProxy,
+    // A URL the router cannot decode, before any route or hook: answered
+    // as any other error, not with Fastify's body that repeats the URL.
+    frameworkErrors (err, request, reply) {
+      const statusCode = err.statusCode !== undefined && err.statusCode >= 400 ? err.statusCode : 400
+      request.log.info({ code: err.code }, 'request refused by the router')
+      sendError(reply, err as FastifyError, statusCode)
+    }
   })
 
   app.setErrorHandler<FastifyError>((err, request, reply) => {
     const statusCode = err.statusCode !== undefined && err.statusCode >= 400 ? err.statusCode : 500
-    // Our own errors and Fastify's 4xx are written for the client; anything
-    // else may carry SQL or internals and is only logged.
-    const exposed = statusCode < 500 || err.code?.startsWith('GW_') === true
     // Refusals we answer on purpose (503 overloaded, unavailable) are
-    // expected under strain: a warning, without a stack per request.
-    if (statusCode >= 500 && !exposed) request.log.error({ err }, 'request failed')
+    // expected under strain: a warning, without a stack per request. Any
+    // other 5xx may carry SQL or internals: logged, never answered.
+    const ours = err.code?.startsWith('GW_') === true
+    if (statusCode >= 500 && !ours) request.log.error({ err }, 'request failed')
     else if (statusCode >= 500) request.log.warn({ code: err.code, message: err.message }, 'request refused')
-    // A refusal from a global hook (URL too long, overloaded) comes before
-    // the route's own hook that sets the API's security headers.
-    if (!reply.hasHeader('x-content-type-options')) reply.headers(API_SECURITY_HEADERS)
-    let message = exposed ? err.message : 'Internal Server Error'
-    if (err.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE') message = 'unsupported content type: send application/json or text/plain'
-    reply.code(statusCode).send({ statusCode, error: STATUS_CODES[statusCode] ?? 'Error', message })
+    sendError(reply, err, statusCode)
   })
   // Fastify's own 404 message repeats the URL, which may hold a token.
   app.setNotFoundHandler((_request, reply) => {
@@ -133,7 +185,9 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
     issuer: config.JWT_ISSUER,
     publicChannels: config.publicChannels,
     cookieName: config.TOKEN_COOKIE,
-    trustedOrigins: config.corsOrigins
+    trustedOrigins: config.corsOrigins,
+    maxTokenLifetimeSeconds: config.MAX_TOKEN_LIFETIME_SECONDS,
+    clockToleranceSeconds: config.CLOCK_TOLERANCE_SECONDS
   })
   await app.register(securityPlugin, {
     corsOrigins: config.corsOrigins,

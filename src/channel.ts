@@ -13,11 +13,14 @@ export function isChannelName (name: string): boolean {
 
 /**
  * A set of channel patterns where `*` matches any run of characters:
- * `*`, `orders.*`, `chat`. Compiled once into one anchored regular expression.
+ * `*`, `orders.*`, `chat`. Matching takes time linear in the lengths of the
+ * name and the patterns, whatever the stars: no regular expression, which
+ * would backtrack (a claim of `*a*a*a…*b` against `aaaa…` would take
+ * exponential time and block the event loop).
  */
 export class ChannelPatterns {
   readonly patterns: readonly string[]
-  readonly #regex: RegExp | null
+  readonly #compiled: readonly CompiledPattern[]
 
   constructor (patterns: Iterable<string>) {
     this.patterns = [...patterns]
@@ -26,9 +29,7 @@ export class ChannelPatterns {
         throw new TypeError(`invalid channel pattern "${pattern}": use ${CHANNEL_NAME_RULE}, and * as a wildcard`)
       }
     }
-    this.#regex = this.patterns.length === 0
-      ? null
-      : new RegExp(`^(?:${this.patterns.map(patternSource).join('|')})$`)
+    this.#compiled = [...new Set(this.patterns)].map(compilePattern)
   }
 
   /** Reads a comma-separated list such as `PUBLIC_CHANNELS`. */
@@ -44,7 +45,7 @@ export class ChannelPatterns {
   }
 
   matches (channel: string): boolean {
-    return this.#regex !== null && this.#regex.test(channel)
+    return this.#compiled.some((pattern) => matchesPattern(pattern, channel))
   }
 
   matchesAll (channels: Iterable<string>): boolean {
@@ -55,8 +56,68 @@ export class ChannelPatterns {
 
 const NO_CHANNELS = new ChannelPatterns([])
 
-function patternSource (pattern: string): string {
-  // Only `.` and `*` among the allowed characters mean something in a regex;
-  // `-` means nothing outside a character class.
-  return pattern.replace(/\./g, '\\.').replace(/\*/g, '.*')
+/**
+ * A pattern cut at its stars: `head*middle…*tail`, or one literal when it
+ * has no star. Each middle part carries its KMP failure table.
+ */
+interface CompiledPattern {
+  readonly literal: boolean
+  readonly head: string
+  readonly middles: ReadonlyArray<{ text: string, failure: Int32Array }>
+  readonly tail: string
+}
+
+function compilePattern (pattern: string): CompiledPattern {
+  const parts = pattern.split('*')
+  if (parts.length === 1) return { literal: true, head: pattern, middles: [], tail: '' }
+  return {
+    literal: false,
+    head: parts[0] as string,
+    middles: parts.slice(1, -1).filter((p) => p !== '').map((text) => ({ text, failure: failureTable(text) })),
+    tail: parts[parts.length - 1] as string
+  }
+}
+
+/**
+ * Matches with no backtracking: the head must start the name and the tail
+ * end it; between them each middle part is taken at its first occurrence
+ * (taking it later never helps: what follows has less room, not more),
+ * found by Knuth-Morris-Pratt, each search starting where the last ended.
+ * So every character of the name is read a bounded number of times.
+ */
+function matchesPattern (pattern: CompiledPattern, name: string): boolean {
+  if (pattern.literal) return name === pattern.head
+  const { head, tail } = pattern
+  if (name.length < head.length + tail.length || !name.startsWith(head) || !name.endsWith(tail)) return false
+  let from = head.length
+  const end = name.length - tail.length
+  for (const middle of pattern.middles) {
+    const at = indexOfKmp(name, middle.text, middle.failure, from, end)
+    if (at < 0) return false
+    from = at + middle.text.length
+  }
+  return true
+}
+
+/** KMP's failure table: for each prefix of `text`, its longest proper border. */
+function failureTable (text: string): Int32Array {
+  const failure = new Int32Array(text.length)
+  let k = 0
+  for (let i = 1; i < text.length; i++) {
+    while (k > 0 && text[i] !== text[k]) k = failure[k - 1] as number
+    if (text[i] === text[k]) k++
+    failure[i] = k
+  }
+  return failure
+}
+
+/** Where `part` first occurs in `name[from, end)`, or -1: O(end - from + part.length). */
+function indexOfKmp (name: string, part: string, failure: Int32Array, from: number, end: number): number {
+  let k = 0
+  for (let i = from; i < end; i++) {
+    while (k > 0 && name[i] !== part[k]) k = failure[k - 1] as number
+    if (name[i] === part[k]) k++
+    if (k === part.length) return i - part.length + 1
+  }
+  return -1
 }

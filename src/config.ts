@@ -24,6 +24,10 @@ export const ConfigSchema = Type.Object({
   CORS_ORIGINS: Type.String({ default: '' }),
   TRUST_PROXY: Type.String({ default: '' }),
   TICKET_TTL_SECONDS: Type.Integer({ default: 30, minimum: 1, maximum: 300 }),
+  // A token whose exp lies further away is refused: 1e300 is no expiry.
+  MAX_TOKEN_LIFETIME_SECONDS: Type.Integer({ default: 90 * 86400, minimum: 1 }),
+  // Clock skew forgiven between the minting side and the gateway.
+  CLOCK_TOLERANCE_SECONDS: Type.Integer({ default: 2, minimum: 0, maximum: 300 }),
   PUBLIC_CHANNELS: Type.String({ default: '' }),
   HEARTBEAT_MS: Type.Integer({ default: 15000, minimum: 10 }),
   RETRY_MS: Type.Integer({ default: 3000, minimum: 0 }),

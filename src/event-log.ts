@@ -1,6 +1,7 @@
 import { createHmac, timingSafeEqual } from 'node:crypto'
+import { readdirSync, readFileSync } from 'node:fs'
 import type pg from 'pg'
-import { type EventId, MAX_EVENT_ID, parseEventId } from './event-id.js'
+import { type EventId, parseEventId } from './event-id.js'
 
 // The event log lives in its own schema; every gateway instance on a database
 // shares it. Names starting with pg_ are reserved by PostgreSQL.
@@ -8,7 +9,9 @@ export const LOG_SCHEMA = 'sse_gateway'
 
 // A notification payload must be shorter than 8000 bytes. Payloads up to this
 // size travel inline in the NOTIFY; larger ones travel as a reference to
-// their log row, which the listener reads.
+// their log row, which the listener reads. The migrations' publish_batch
+// writes the same number (test/event-log.test.ts holds them to it), as it
+// does FORK_ID_GAP and MAX_EVENT_ID.
 export const INLINE_PAYLOAD_BYTES = 7900
 
 /*
@@ -79,7 +82,7 @@ function wireMac (key: Buffer, id: string, channel: string, data: string | undef
  * Without a key (no log in this database) every notification is plain.
  */
 export function decodeNotification (channel: string, payload: string, key: Buffer | undefined): WireEvent | null {
-  if (key === undefined || payload.charCodeAt(0) !== 0x1f) return null
+  if (key === undefined || !payload.startsWith(WIRE_MARK)) return null
   const newline = payload.indexOf('\n')
   const head = newline === -1 ? payload.slice(1) : payload.slice(1, newline)
   const colon = head.indexOf(':')
@@ -101,283 +104,25 @@ export function encodeNotification (key: Buffer, id: EventId, channel: string, d
   return `${WIRE_MARK}${idText}:${mac}${data === undefined ? '' : `\n${data}`}`
 }
 
-// Each entry runs once, in order, in its own transaction, and is recorded in
+// The migrations, numbered .sql files in sql/migrations (001-log.sql, …):
+// each runs once, in order, in its own transaction, and is recorded in
 // sse_gateway.schema_version. Hand-written rather than a migration library:
 // it is one schema owned by this program, migrated at start-up under an
-// advisory lock so that instances starting together do not race.
-const MIGRATIONS: readonly string[] = [
-  `
-  CREATE TABLE ${LOG_SCHEMA}.log_head (
-    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    last_id bigint NOT NULL
-  );
-  INSERT INTO ${LOG_SCHEMA}.log_head (last_id) VALUES (0);
+// advisory lock so that instances starting together do not race. The files
+// are history: a change is a new file. They are read relative to this
+// module, which sits in src/ when run with tsx and in dist/ when built.
+const MIGRATIONS_DIR = new URL('../sql/migrations/', import.meta.url)
+const MIGRATION_FILE = /^(\d{3})-[a-z0-9-]+\.sql$/
 
-  CREATE TABLE ${LOG_SCHEMA}.events (
-    id bigint PRIMARY KEY,
-    channel text NOT NULL,
-    payload text NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
-  );
-  CREATE INDEX events_channel_id ON ${LOG_SCHEMA}.events (channel, id);
+function readMigrations (): readonly string[] {
+  const files = readdirSync(MIGRATIONS_DIR).filter((f) => MIGRATION_FILE.test(f)).sort()
+  files.forEach((file, i) => {
+    if (Number(file.slice(0, 3)) !== i + 1) throw new Error(`sql/migrations: expected migration ${i + 1}, found ${file}`)
+  })
+  return files.map((file) => readFileSync(new URL(file, MIGRATIONS_DIR), 'utf8'))
+}
 
-  CREATE FUNCTION ${LOG_SCHEMA}.publish_batch(channels text[], payloads text[])
-  RETURNS bigint[]
-  LANGUAGE plpgsql
-  AS $fn$
-  DECLARE
-    n integer := coalesce(cardinality(channels), 0);
-    first_id bigint;
-    i integer;
-  BEGIN
-    IF n <> coalesce(cardinality(payloads), 0) THEN
-      RAISE EXCEPTION 'channels and payloads differ in length' USING ERRCODE = '22023';
-    END IF;
-    IF n = 0 THEN
-      RETURN ARRAY[]::bigint[];
-    END IF;
-    FOR i IN 1..n LOOP
-      IF channels[i] IS NULL OR channels[i] !~ '^[A-Za-z0-9_.:-]{1,63}$' THEN
-        RAISE EXCEPTION 'invalid channel name %', quote_nullable(channels[i]) USING ERRCODE = '22023';
-      END IF;
-      IF payloads[i] IS NULL THEN
-        RAISE EXCEPTION 'payload % is null', i USING ERRCODE = '22004';
-      END IF;
-    END LOOP;
-
-    -- The row lock taken here is held until COMMIT: ids follow commit order.
-    UPDATE ${LOG_SCHEMA}.log_head SET last_id = last_id + n RETURNING last_id - n + 1 INTO first_id;
-
-    INSERT INTO ${LOG_SCHEMA}.events (id, channel, payload)
-    SELECT first_id + k - 1, channels[k], payloads[k] FROM generate_subscripts(channels, 1) AS k;
-
-    FOR i IN 1..n LOOP
-      IF octet_length(payloads[i]) <= ${INLINE_PAYLOAD_BYTES} THEN
-        PERFORM pg_notify(channels[i], E'\\x1f' || (first_id + i - 1) || E'\\n' || payloads[i]);
-      ELSE
-        PERFORM pg_notify(channels[i], E'\\x1f' || (first_id + i - 1));
-      END IF;
-    END LOOP;
-
-    RETURN ARRAY(SELECT first_id + k FROM generate_series(0, n - 1) AS k);
-  END
-  $fn$;
-
-  CREATE FUNCTION ${LOG_SCHEMA}.publish(channel text, payload text)
-  RETURNS bigint
-  LANGUAGE sql
-  AS $fn$ SELECT (${LOG_SCHEMA}.publish_batch(ARRAY[channel], ARRAY[payload]))[1] $fn$;
-  `,
-  `
-  -- Everything up to pruned_through has been deleted by retention. Kept apart
-  -- from log_head so that pruning never waits on publishers' row lock.
-  CREATE TABLE ${LOG_SCHEMA}.log_retention (
-    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    pruned_through bigint NOT NULL
-  );
-  INSERT INTO ${LOG_SCHEMA}.log_retention (pruned_through) VALUES (0);
-  CREATE INDEX events_created_at ON ${LOG_SCHEMA}.events (created_at);
-
-  CREATE TABLE ${LOG_SCHEMA}.idempotency_keys (
-    key text PRIMARY KEY,
-    request_hash text NOT NULL,
-    ids bigint[] NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
-  );
-  CREATE INDEX idempotency_keys_created_at ON ${LOG_SCHEMA}.idempotency_keys (created_at);
-  `,
-  `
-  -- Subscribe tickets (src/tickets.ts): short-lived, single-use, shared by
-  -- every instance. Only a hash of the ticket is kept.
-  CREATE TABLE ${LOG_SCHEMA}.tickets (
-    hash text PRIMARY KEY,
-    channels text[] NOT NULL,
-    subject text,
-    token_expires_at bigint,
-    expires_at timestamptz NOT NULL
-  );
-  CREATE INDEX tickets_expires_at ON ${LOG_SCHEMA}.tickets (expires_at);
-  `,
-  `
-  -- publish_batch, set-based: one statement per step instead of a PL/pgSQL
-  -- loop per event. A batch of 1,000 took 13 ms, now 5 (BENCHMARKS.md). The
-  -- channel check avoids a bounded repetition ({1,63}), which PostgreSQL's
-  -- regex engine runs about six times slower.
-  CREATE OR REPLACE FUNCTION ${LOG_SCHEMA}.publish_batch(channels text[], payloads text[])
-  RETURNS bigint[]
-  LANGUAGE plpgsql
-  AS $fn$
-  DECLARE
-    n integer := coalesce(cardinality(channels), 0);
-    first_id bigint;
-    bad text;
-  BEGIN
-    IF n <> coalesce(cardinality(payloads), 0) THEN
-      RAISE EXCEPTION 'channels and payloads differ in length' USING ERRCODE = '22023';
-    END IF;
-    IF n = 0 THEN
-      RETURN ARRAY[]::bigint[];
-    END IF;
-    IF array_ndims(channels) <> 1 OR array_ndims(payloads) <> 1 OR array_lower(channels, 1) <> 1 OR array_lower(payloads, 1) <> 1 THEN
-      RAISE EXCEPTION 'channels and payloads must be one-dimensional arrays indexed from 1' USING ERRCODE = '22023';
-    END IF;
-    SELECT c INTO bad FROM unnest(channels) AS c
-    WHERE c IS NULL OR octet_length(c) NOT BETWEEN 1 AND 63 OR c ~ '[^A-Za-z0-9_.:-]'
-    LIMIT 1;
-    IF FOUND THEN
-      RAISE EXCEPTION 'invalid channel name %', quote_nullable(bad) USING ERRCODE = '22023';
-    END IF;
-    IF array_position(payloads, NULL) IS NOT NULL THEN
-      RAISE EXCEPTION 'payload % is null', array_position(payloads, NULL) USING ERRCODE = '22004';
-    END IF;
-
-    -- The row lock taken here is held until COMMIT: ids follow commit order.
-    UPDATE ${LOG_SCHEMA}.log_head SET last_id = last_id + n RETURNING last_id - n + 1 INTO first_id;
-
-    INSERT INTO ${LOG_SCHEMA}.events (id, channel, payload)
-    SELECT first_id + k - 1, c, p FROM unnest(channels, payloads) WITH ORDINALITY AS e(c, p, k);
-
-    -- pg_notify is volatile, so PostgreSQL calls it after the sort: in id order.
-    PERFORM pg_notify(c, E'\\x1f' || (first_id + k - 1) || CASE WHEN octet_length(p) <= ${INLINE_PAYLOAD_BYTES} THEN E'\\n' || p ELSE '' END)
-    FROM unnest(channels, payloads) WITH ORDINALITY AS e(c, p, k)
-    ORDER BY k;
-
-    RETURN ARRAY(SELECT first_id + k FROM generate_series(0, n - 1) AS k);
-  END
-  $fn$;
-  `,
-  `
-  -- Channel names are ASCII: compared byte by byte they sort the same, and
-  -- the (channel, id) index takes an insert without the database's collation
-  -- rules (800 rows in 4.5 ms instead of 5.5 under C.UTF-8). Rebuilds the
-  -- table's indexes once, at start-up.
-  ALTER TABLE ${LOG_SCHEMA}.events ALTER COLUMN channel TYPE text COLLATE "C";
-  `,
-  `
-  -- The wire key (see the comment on the wire above): 32 bytes from two
-  -- random UUIDs (pg_strong_random; 244 random bits), and its HMAC pads,
-  -- the key zero-filled to SHA-256's 64-byte block XOR 0x36 and 0x5c
-  -- (RFC 2104), computed once here since SQL has no XOR on bytea.
-  CREATE TABLE ${LOG_SCHEMA}.wire_key (
-    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    key bytea NOT NULL,
-    inner_pad bytea NOT NULL,
-    outer_pad bytea NOT NULL
-  );
-  REVOKE ALL ON ${LOG_SCHEMA}.wire_key FROM PUBLIC;
-  DO $key$
-  DECLARE
-    k bytea := decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex');
-    inner_pad bytea := ''::bytea;
-    outer_pad bytea := ''::bytea;
-    b integer;
-  BEGIN
-    FOR i IN 0..63 LOOP
-      b := CASE WHEN i < length(k) THEN get_byte(k, i) ELSE 0 END;
-      inner_pad := inner_pad || set_byte('\\x00'::bytea, 0, b # 54);
-      outer_pad := outer_pad || set_byte('\\x00'::bytea, 0, b # 92);
-    END LOOP;
-    INSERT INTO ${LOG_SCHEMA}.wire_key (key, inner_pad, outer_pad) VALUES (k, inner_pad, outer_pad);
-  END
-  $key$;
-
-  -- The timeline the primary writes WAL on: a promotion or a point-in-time
-  -- recovery starts a new one.
-  CREATE FUNCTION ${LOG_SCHEMA}.current_timeline() RETURNS integer
-  LANGUAGE sql VOLATILE
-  AS $fn$ SELECT ('x' || substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8))::bit(32)::integer $fn$;
-
-  -- Ids stay exact as JavaScript numbers (src/event-id.ts); the timeline of
-  -- the last publish tells a fork.
-  ALTER TABLE ${LOG_SCHEMA}.log_head ADD COLUMN timeline integer;
-  UPDATE ${LOG_SCHEMA}.log_head SET timeline = ${LOG_SCHEMA}.current_timeline();
-  ALTER TABLE ${LOG_SCHEMA}.log_head ADD CONSTRAINT log_head_last_id_exact CHECK (last_id <= ${MAX_EVENT_ID});
-
-  -- One row per fork: the log continued on a new timeline after fork_id,
-  -- and ids in (fork_id, resumed_after] were never drawn on it (FORK_ID_GAP).
-  CREATE TABLE ${LOG_SCHEMA}.log_forks (
-    fork_id bigint NOT NULL,
-    resumed_after bigint NOT NULL,
-    timeline integer NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
-  );
-
-  -- What publish_batch refuses, apart: SQLSTATE 22023 for arrays that do
-  -- not pair up or a bad channel name, 22004 for a NULL payload.
-  CREATE FUNCTION ${LOG_SCHEMA}.check_batch(channels text[], payloads text[])
-  RETURNS integer
-  LANGUAGE plpgsql
-  SET search_path = pg_catalog, pg_temp
-  AS $fn$
-  DECLARE
-    n integer := coalesce(cardinality(channels), 0);
-    bad text;
-  BEGIN
-    IF n <> coalesce(cardinality(payloads), 0) THEN
-      RAISE EXCEPTION 'channels and payloads differ in length' USING ERRCODE = '22023';
-    ELSIF n > 0 AND (array_ndims(channels) <> 1 OR array_ndims(payloads) <> 1 OR array_lower(channels, 1) <> 1 OR array_lower(payloads, 1) <> 1) THEN
-      RAISE EXCEPTION 'channels and payloads must be one-dimensional arrays indexed from 1' USING ERRCODE = '22023';
-    END IF;
-    SELECT c INTO bad FROM unnest(channels) AS c
-    WHERE c IS NULL OR octet_length(c) NOT BETWEEN 1 AND 63 OR c ~ '[^A-Za-z0-9_.:-]'
-    LIMIT 1;
-    IF FOUND THEN
-      RAISE EXCEPTION 'invalid channel name %', quote_nullable(bad) USING ERRCODE = '22023';
-    ELSIF array_position(payloads, NULL) IS NOT NULL THEN
-      RAISE EXCEPTION 'payload % is null', array_position(payloads, NULL) USING ERRCODE = '22004';
-    END IF;
-    RETURN n;
-  END
-  $fn$;
-
-  -- publish_batch runs as the log's owner (SECURITY DEFINER), the only role
-  -- that reads the wire key, with a search_path that no caller can change.
-  CREATE OR REPLACE FUNCTION ${LOG_SCHEMA}.publish_batch(channels text[], payloads text[])
-  RETURNS bigint[]
-  LANGUAGE plpgsql
-  SECURITY DEFINER
-  SET search_path = pg_catalog, pg_temp
-  AS $fn$
-  DECLARE
-    n integer := ${LOG_SCHEMA}.check_batch(channels, payloads);
-    first_id bigint;
-    head_timeline integer;
-    wal_timeline integer;
-  BEGIN
-    IF n = 0 THEN
-      RETURN ARRAY[]::bigint[];
-    END IF;
-    wal_timeline := ${LOG_SCHEMA}.current_timeline();
-    -- The row lock taken here is held until COMMIT: ids follow commit order.
-    UPDATE ${LOG_SCHEMA}.log_head SET last_id = last_id + n
-    RETURNING last_id - n + 1, log_head.timeline INTO first_id, head_timeline;
-    IF head_timeline IS DISTINCT FROM wal_timeline THEN
-      -- First publish on a new timeline: leave a hole over every id the
-      -- old one may have drawn after what reached this server.
-      UPDATE ${LOG_SCHEMA}.log_head SET last_id = last_id + ${FORK_ID_GAP}, timeline = wal_timeline;
-      INSERT INTO ${LOG_SCHEMA}.log_forks (fork_id, resumed_after, timeline)
-      VALUES (first_id - 1, first_id - 1 + ${FORK_ID_GAP}, wal_timeline);
-      first_id := first_id + ${FORK_ID_GAP};
-    END IF;
-
-    INSERT INTO ${LOG_SCHEMA}.events (id, channel, payload)
-    SELECT first_id + k - 1, c, p FROM unnest(channels, payloads) WITH ORDINALITY AS e(c, p, k);
-
-    -- pg_notify is volatile, so PostgreSQL calls it after the sort: in id
-    -- order. The MAC is HMAC-SHA-256 over the UTF-8 message.
-    PERFORM pg_notify(w.c, E'\\x1f' || w.id || ':' || encode(substr(sha256(key.outer_pad || sha256(key.inner_pad || convert_to(w.id || E'\\n' || w.c || w.inline, 'UTF8'))), 1, 16), 'hex') || w.inline)
-    FROM (
-      SELECT k, c, (first_id + k - 1)::text AS id, CASE WHEN octet_length(p) <= ${INLINE_PAYLOAD_BYTES} THEN E'\\n' || p ELSE '' END AS inline
-      FROM unnest(channels, payloads) WITH ORDINALITY AS e(c, p, k)
-    ) AS w, ${LOG_SCHEMA}.wire_key AS key
-    ORDER BY w.k;
-
-    RETURN ARRAY(SELECT first_id + k FROM generate_series(0, n - 1) AS k);
-  END
-  $fn$;
-  ALTER FUNCTION ${LOG_SCHEMA}.publish(text, text) SET search_path = pg_catalog, pg_temp;
-  `
-]
+const MIGRATIONS = readMigrations()
 
 /** The schema version migrate() brings a database to. */
 export const SCHEMA_VERSION = MIGRATIONS.length

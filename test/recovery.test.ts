@@ -4,9 +4,10 @@
 import { chmod, mkdtemp, rm } from 'node:fs/promises'
 import os from 'node:os'
 import path from 'node:path'
-import type pg from 'pg'
+import pg from 'pg'
 import t from 'tap'
 import { type EmbeddedDatabase, startEmbeddedPostgres } from '../src/embedded-postgres.js'
+import { FORK_ID_GAP, pruneLog } from '../src/event-log.js'
 import { type ConnectedInfo, LISTENER_APPLICATION_NAME, type ListenerConnection } from '../src/listener.js'
 import { startProxy } from './tcp-proxy.js'
 import { connect, createDatabase, openStream, published, type ReceivedEvent, startGateway, type StreamClient, streamUrl, subscriber, type TestGateway, waitForData, within } from './helper.js'
@@ -195,6 +196,126 @@ t.test('a half-open listener connection is noticed within the liveness timeout a
   t.equal(opens(stream).length, 1, 'on the same response')
   t.equal(gaps(stream).length, 1, 'the stream was told of the gap')
   await eventually(async () => await readyStatus(gateway) === 200, '/readyz to answer 200')
+})
+
+t.test('a listener outage longer than retention: streams are told exactly what was pruned unread, then get the rest', async (t) => {
+  const database = await createDatabase(t)
+  const { proxy, url } = await startProxy(t, database)
+  const gateway = await startGateway(t, {
+    LISTENER_LIVENESS_INTERVAL_MS: '200',
+    LISTENER_LIVENESS_TIMEOUT_MS: '500',
+    LISTENER_RECONNECT_MAX_MS: '200'
+  }, url)
+  const { listener } = gateway.app
+  const db = await connect(t, database)
+  const pool = new pg.Pool({ connectionString: database, max: 2 })
+  t.teardown(() => pool.end())
+  const stream = await openStream(t, streamUrl(gateway.baseUrl, ['orders']), subscriber(gateway))
+  const before = await publishSql(db, 'orders', 'before')
+  await waitForData(stream, 'before')
+
+  // The listener goes silent and cannot come back until the log is pruned.
+  const disconnected = nextDisconnected(listener)
+  proxy.refuseNew = true
+  proxy.freezeByUpstreamPort((await theListenerBackend(db)).clientPort)
+  const { rows } = await db.query<{ ids: string[] }>(
+    "SELECT sse_gateway.publish_batch(array_fill('orders'::text, ARRAY[30]), ARRAY(SELECT 'during ' || i FROM generate_series(0, 29) AS i))::text[] AS ids")
+  const during = rows[0]?.ids ?? []
+  await within(disconnected, 'the listener to notice the silent connection')
+  await pruneLog(pool, { maxAgeSeconds: 86_400, maxEvents: 5, idempotencyWindowSeconds: 60 })
+  const kept = during.slice(-5)
+  const resumedAfter = String(Number(kept[0]) - 1)
+  const reconnected = nextConnected(listener)
+  proxy.refuseNew = false
+  await within(reconnected, 'the listener to come back')
+  await waitForData(stream, 'during 29')
+
+  t.same(stream.events.map((e) => e.id), [before, ...kept], 'the events still in the log, once each, in order')
+  const missed = stream.control.filter((e) => e.event === 'gateway/missed')
+  t.same(missed.map((e) => JSON.parse(e.data)), [{ lastEventId: before, resumedAfter }], 'told once what was lost: from its last id to where the log resumes')
+  t.notOk(stream.ended, 'the stream stayed open')
+})
+
+// What a lossy promotion leaves (test/failover.test.ts does one with real
+// clusters): the last events are gone and the head is back before them.
+async function loseEventsAfter (db: pg.Client, id: string): Promise<void> {
+  await db.query('DELETE FROM sse_gateway.events WHERE id > $1', [id])
+  await db.query('UPDATE sse_gateway.log_head SET last_id = $1', [id])
+}
+
+t.test('a log that lost events the listener delivered: streams are told, rewound, and get the reissued ids', async (t) => {
+  const database = await createDatabase(t)
+  const { proxy, url } = await startProxy(t, database)
+  const gateway = await startGateway(t, {
+    LISTENER_LIVENESS_INTERVAL_MS: '200',
+    LISTENER_LIVENESS_TIMEOUT_MS: '500',
+    LISTENER_RECONNECT_MAX_MS: '200'
+  }, url)
+  const { listener } = gateway.app
+  const db = await connect(t, database)
+  const stream = await openStream(t, streamUrl(gateway.baseUrl, ['orders']), subscriber(gateway))
+  const kept = await publishSql(db, 'orders', 'kept')
+  const lost = [await publishSql(db, 'orders', 'lost 1'), await publishSql(db, 'orders', 'lost 2')]
+  await waitForData(stream, 'lost 2')
+
+  const disconnected = nextDisconnected(listener)
+  proxy.refuseNew = true
+  proxy.freezeByUpstreamPort((await theListenerBackend(db)).clientPort)
+  await within(disconnected, 'the listener to notice the silent connection')
+  await loseEventsAfter(db, kept)
+  const reconnected = nextConnected(listener)
+  proxy.refuseNew = false
+  await within(reconnected, 'the listener to come back')
+  // Published after the listener is back: the same ids again.
+  const reissued = [await publishSql(db, 'orders', 'new 1'), await publishSql(db, 'orders', 'new 2')]
+  t.same(reissued, lost, 'the log drew the lost ids again')
+  await waitForData(stream, 'new 2')
+
+  t.same(stream.events.map((e) => [e.id, e.data]), [[kept, 'kept'], [lost[0], 'lost 1'], [lost[1], 'lost 2'], [reissued[0], 'new 1'], [reissued[1], 'new 2']],
+    'the new events reach the stream, though their ids were carried before')
+  const missed = stream.control.filter((e) => e.event === 'gateway/missed')
+  t.same(missed.map((e) => JSON.parse(e.data)), [{ lastEventId: lost[1], resumedAfter: kept }], 'told that the log went back to the last event it kept')
+  t.equal(listener.position, Number(reissued[1]), 'the listener follows the log again')
+})
+
+t.test('a fork recorded by the log: a running stream and a client resuming with a lost id are both told, and lose nothing after', async (t) => {
+  const database = await createDatabase(t)
+  const { proxy, url } = await startProxy(t, database)
+  const gateway = await startGateway(t, {
+    LISTENER_LIVENESS_INTERVAL_MS: '200',
+    LISTENER_LIVENESS_TIMEOUT_MS: '500',
+    LISTENER_RECONNECT_MAX_MS: '200'
+  }, url)
+  const { listener } = gateway.app
+  const db = await connect(t, database)
+  const stream = await openStream(t, streamUrl(gateway.baseUrl, ['orders']), subscriber(gateway))
+  const kept = await publishSql(db, 'orders', 'kept')
+  const lost = await publishSql(db, 'orders', 'lost')
+  await waitForData(stream, 'lost')
+
+  const disconnected = nextDisconnected(listener)
+  proxy.refuseNew = true
+  proxy.freezeByUpstreamPort((await theListenerBackend(db)).clientPort)
+  await within(disconnected, 'the listener to notice the silent connection')
+  await loseEventsAfter(db, kept)
+  // The next publish finds the log on another timeline than its last one,
+  // as after a promotion, and leaves a hole over the ids the old one drew.
+  await db.query('UPDATE sse_gateway.log_head SET timeline = -1')
+  const after = await publishSql(db, 'orders', 'after')
+  const { rows: forks } = await db.query<{ fork_id: string, resumed_after: string }>('SELECT fork_id::text, resumed_after::text FROM sse_gateway.log_forks')
+  t.same(forks, [{ fork_id: kept, resumed_after: String(Number(kept) + FORK_ID_GAP) }], 'the fork is recorded')
+  t.equal(after, String(Number(kept) + FORK_ID_GAP + 1), 'the next id is drawn past the hole')
+  const reconnected = nextConnected(listener)
+  proxy.refuseNew = false
+  await within(reconnected, 'the listener to come back')
+  await waitForData(stream, 'after')
+  t.same(stream.events.map((e) => e.data), ['kept', 'lost', 'after'], 'the running stream gets the new event')
+  t.same(stream.control.filter((e) => e.event === 'gateway/missed').map((e) => JSON.parse(e.data)), [{ lastEventId: lost, resumedAfter: kept }], 'and is told')
+
+  const resumed = await openStream(t, streamUrl(gateway.baseUrl, ['orders']), { ...subscriber(gateway), 'last-event-id': lost })
+  await waitForData(resumed, 'after')
+  t.same(resumed.control.filter((e) => e.event === 'gateway/missed').map((e) => JSON.parse(e.data)), [{ lastEventId: lost, resumedAfter: kept }], 'a client resuming with the lost id is told too')
+  t.same(resumed.events.map((e) => e.data), ['after'], 'and gets every event after the fork')
 })
 
 t.test('a PostgreSQL restart under open streams is recovered from by itself', { timeout: 120_000 }, async (t) => {

@@ -1,5 +1,8 @@
-import { connect as netConnect } from 'node:net'
-import { openStream, streamUrl, type Test, type TestGateway, within } from './helper.js'
+import { type AddressInfo, connect as netConnect } from 'node:net'
+import { Writable } from 'node:stream'
+import { build, loggerOptions } from '../src/app.js'
+import { loadConfig } from '../src/config.js'
+import { createDatabase, JWT_SECRET, openStream, streamUrl, type Test, type TestGateway, within } from './helper.js'
 
 /**
  * After hostile requests: the gateway is still ready, and a stream opened
@@ -54,3 +57,19 @@ export function unsignedToken (claims: Record<string, unknown>): string {
 
 /** Seconds since the epoch, `offset` seconds from now. */
 export const epoch = (offset = 0): number => Math.floor(Date.now() / 1000) + offset
+
+/**
+ * A gateway like startGateway's, logging everything (trace) into `lines`
+ * through the gateway's own logger options, to check what reaches a log.
+ */
+export async function loggingGateway (t: Test): Promise<{ gateway: TestGateway, lines: string[] }> {
+  const lines: string[] = []
+  const sink = new Writable({ write (chunk, _encoding, done) { lines.push(String(chunk)); done() } })
+  const url = await createDatabase(t)
+  const config = loadConfig({ JWT_SECRET, DATABASE_URL: url, LOG_LEVEL: 'trace' }, false)
+  const app = await build({ ...config, DATABASE_URL: url, JWT_SECRET }, { ...loggerOptions('trace'), stream: sink })
+  t.teardown(() => app.close())
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const baseUrl = `http://127.0.0.1:${(app.server.address() as AddressInfo).port}`
+  return { gateway: { app, baseUrl, databaseUrl: url, token: (claims, options) => app.jwt.sign(claims, options) }, lines }
+}

@@ -1,10 +1,7 @@
 import { readFile } from 'node:fs/promises'
-import { Writable } from 'node:stream'
 import t from 'tap'
-import { build, loggerOptions } from '../src/app.js'
-import { loadConfig } from '../src/config.js'
-import { connect, createDatabase, errorBody, JWT_SECRET, openStream, publish, startGateway, type StreamClient, streamUrl, type TestGateway, waitFor, within } from './helper.js'
-import { rawExchange, stillServing } from './security-helper.js'
+import { connect, errorBody, JWT_SECRET, openStream, publish, startGateway, type StreamClient, streamUrl, type TestGateway, waitFor, within } from './helper.js'
+import { loggingGateway, rawExchange, stillServing } from './security-helper.js'
 
 const bearer = (gateway: TestGateway, claims = { subscribe: ['*'], publish: ['*'] }): Record<string, string> =>
   ({ authorization: `Bearer ${gateway.token(claims)}` })
@@ -338,12 +335,7 @@ t.test('hostile input is refused cleanly and never stops delivery', async (t) =>
 })
 
 t.test('tokens and tickets never reach the logs, whatever the answer', async (t) => {
-  const lines: string[] = []
-  const sink = new Writable({ write (chunk, _encoding, done) { lines.push(String(chunk)); done() } })
-  const url = await createDatabase(t)
-  const config = loadConfig({ JWT_SECRET, DATABASE_URL: url, LOG_LEVEL: 'trace' }, false)
-  const app = await build({ ...config, DATABASE_URL: url, JWT_SECRET }, { ...loggerOptions('trace'), stream: sink })
-  t.teardown(() => app.close())
+  const { gateway: { app }, lines } = await loggingGateway(t)
   const token = app.jwt.sign({ subscribe: ['*'], publish: ['*'] })
   const ticketAnswer = await app.inject({ method: 'POST', url: '/tickets', headers: { authorization: `Bearer ${token}` }, payload: { channels: ['a'] } })
   const { ticket } = ticketAnswer.json<{ ticket: string }>()

@@ -37,7 +37,14 @@ export class FreezableProxy {
     return (this.#server.address() as AddressInfo).port
   }
 
+  /** While true, new connections are closed at once, as a server that is down. */
+  refuseNew = false
+
   #accept (client: Socket): void {
+    if (this.refuseNew) {
+      client.destroy()
+      return
+    }
     const upstream = connectTcp(this.#target.port, this.#target.host)
     const pair: Pair = { client, upstream, frozen: false, dropped: 0 }
     this.pairs.push(pair)

@@ -13,7 +13,11 @@ export interface GatewayClaims {
   sub?: string
   publish?: string[]
   subscribe?: string[]
-  /** Seconds since the epoch; every token the gateway accepts has one. */
+  /**
+   * Seconds since the epoch; every token the gateway accepts has one. Once
+   * accepted, it is the whole second at which the gateway stops honouring
+   * the token: its `exp` rounded down, plus the clock tolerance.
+   */
   exp?: number
   /** The operator's claim: reads GET /status. */
   admin?: boolean
@@ -54,6 +58,10 @@ export interface AuthPluginOptions {
   cookieName?: string
   /** Origins allowed to publish with a cookie (besides the gateway's own). */
   trustedOrigins?: readonly string[]
+  /** Seconds a token's `exp` may lie in the future at most (absurd ones are refused). */
+  maxTokenLifetimeSeconds?: number
+  /** Seconds of clock skew forgiven on `exp`, `nbf` and `iat`. */
+  clockToleranceSeconds?: number
 }
 
 type TokenSource = 'header' | 'query' | 'cookie'
@@ -102,11 +110,36 @@ const JWT_ERRORS: Record<string, string> = {
   FAST_JWT_MISSING_CLAIM: 'the token is not meant for this gateway (aud or iss)'
 }
 
+/** MAX_TOKEN_LIFETIME_SECONDS and CLOCK_TOLERANCE_SECONDS by default. */
+export const TOKEN_TIME_DEFAULTS = { maxTokenLifetimeSeconds: 90 * 86400, clockToleranceSeconds: 2 } as const
+
+/**
+ * Checks the times of claims fast-jwt verified (it checks that `exp` and
+ * `nbf` are numbers and in force, with the tolerance, but takes 600.5, 1e300
+ * or Infinity, which 1e400 parses to, at face value). Refuses an `exp` more
+ * than `maxLifetime` seconds away and an `iat` that is not a number or lies
+ * in the future; answers the claims with `exp` in whole seconds (rounded
+ * down) plus the tolerance, the moment the token's streams end. Throws 401.
+ */
+export function checkTokenTimes (claims: GatewayClaims & { iat?: unknown }, nowMs: number, maxLifetime: number, tolerance: number): GatewayClaims {
+  const now = nowMs / 1000
+  const exp = Math.floor(claims.exp as number) + tolerance
+  if (exp <= now) throw new UnauthorizedError(JWT_ERRORS.FAST_JWT_EXPIRED as string)
+  if (!(exp - tolerance - now <= maxLifetime)) {
+    throw new UnauthorizedError(`the token lives too long: its exp may be at most ${maxLifetime} seconds away`)
+  }
+  if (claims.iat !== undefined && !(typeof claims.iat === 'number' && claims.iat <= now + tolerance)) {
+    throw new UnauthorizedError('the token\'s iat must be a time in seconds, not in the future')
+  }
+  return { ...claims, exp }
+}
+
 export default fp<AuthPluginOptions>(async function authPlugin (app, options) {
   const { publicChannels, audience, issuer } = options
   const algorithm = options.algorithm ?? 'HS256'
   const cookieName = options.cookieName ?? 'pgsse_token'
   const trustedOrigins = new Set(options.trustedOrigins ?? [])
+  const { maxTokenLifetimeSeconds, clockToleranceSeconds } = { ...TOKEN_TIME_DEFAULTS, ...options }
   if (algorithm === 'HS256') {
     // A short HMAC secret can be brute-forced offline from any one token.
     if (Buffer.byteLength(options.secret) < 32) throw new TypeError('the HS256 secret must be at least 32 bytes')
@@ -137,6 +170,7 @@ export default fp<AuthPluginOptions>(async function authPlugin (app, options) {
       // check was 11% of the CPU time of single-event publishes.
       cache: true,
       algorithms: [algorithm],
+      clockTolerance: clockToleranceSeconds * 1000,
       // fast-jwt checks aud and iss only when present: require them too.
       requiredClaims: required,
       ...(audience !== undefined ? { allowedAud: audience } : {}),
@@ -189,6 +223,7 @@ export default fp<AuthPluginOptions>(async function authPlugin (app, options) {
       // fast-jwt's own messages are fine, but ours never risk echoing input.
       throw new UnauthorizedError(errorMessages[(err as { code?: string }).code ?? ''] ?? 'the token is invalid')
     }
+    claims = checkTokenTimes(claims, Date.now(), maxTokenLifetimeSeconds, clockToleranceSeconds)
     const allowed = ChannelPatterns.fromClaim(claims[action])
     const denied = wanted.filter((c) => !allowed.matches(c) && !(action === 'subscribe' && publicChannels.matches(c)))
     if (denied.length > 0) {

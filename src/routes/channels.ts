@@ -1,8 +1,7 @@
 import { Type, type TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyInstance } from 'fastify'
 import type { GatewayConfig } from '../config.js'
-import { BadRequestError } from '../errors.js'
-import { checkChannelNames, checkPayload, publishAll, utf8BodyParser } from './publishing.js'
+import { checkChannelNames, checkPayload, jsonBodyParser, publishAll, utf8BodyParser } from './publishing.js'
 import { API_ROUTE } from '../plugins/security.js'
 
 export interface ChannelsRoutesOptions {
@@ -14,14 +13,7 @@ const ChannelParams = Type.Object({ channel: Type.String() })
 export default async function channelsRoutes (app: FastifyInstance, { config }: ChannelsRoutesOptions): Promise<void> {
   // The payload is the body as sent: JSON is checked, then kept as text.
   app.removeContentTypeParser(['application/json', 'text/plain'])
-  app.addContentTypeParser('application/json', { parseAs: 'buffer' }, utf8BodyParser((_request, text, done) => {
-    try {
-      JSON.parse(text)
-      done(null, text)
-    } catch {
-      done(new BadRequestError('the body is not valid JSON'), undefined)
-    }
-  }))
+  app.addContentTypeParser('application/json', { parseAs: 'buffer' }, utf8BodyParser(jsonBodyParser(undefined, (text) => text)))
   app.addContentTypeParser('text/plain', { parseAs: 'buffer' }, utf8BodyParser((_request, text, done) => done(null, text)))
 
   app.withTypeProvider<TypeBoxTypeProvider>().post('/channels/:channel', {

@@ -7,7 +7,7 @@ import { EVENT_STREAM_HEADERS, EventStream, GATEWAY_EVENTS } from '../event-stre
 import { type LogBounds, readLogBounds, readReplayPage } from '../event-log.js'
 import { encodeEvent, encodeRetry } from '../sse.js'
 import { type EventId, MAX_EVENT_ID, parseEventId } from '../event-id.js'
-import { checkChannelNames, publishAll, toPayload, utf8BodyParser } from './publishing.js'
+import { BATCH_DATA, checkChannelNames, jsonBodyParser, publishAll, toPayload, utf8BodyParser } from './publishing.js'
 import { API_ROUTE } from '../plugins/security.js'
 
 export interface EventsRoutesOptions {
@@ -140,10 +140,9 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
   const routes = app.withTypeProvider<TypeBoxTypeProvider>()
   const expiries = new ExpiryTimers()
   // A batch is UTF-8 JSON: invalid bytes are refused, not replaced by U+FFFD;
-  // then Fastify's parser (which refuses __proto__ and constructor keys).
-  const parseJson = app.getDefaultJsonParser('error', 'error')
+  // each event's data is kept as the client's JSON text.
   app.removeContentTypeParser(['application/json', 'text/plain'])
-  app.addContentTypeParser('application/json', { parseAs: 'buffer' }, utf8BodyParser(parseJson))
+  app.addContentTypeParser('application/json', { parseAs: 'buffer' }, utf8BodyParser(jsonBodyParser(BATCH_DATA)))
 
   // No HEAD: it would open a stream whose events nobody may send.
   routes.get('/events', {
@@ -248,7 +247,7 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
     const channels = events.map((e) => e.channel)
     checkChannelNames(channels)
     const claims = await app.authorize(request, 'publish', new Set(channels))
-    const toPublish = events.map((e, i) => ({ channel: e.channel, payload: toPayload(e.data, config.MAX_PAYLOAD_BYTES, `events[${i}].data`) }))
+    const toPublish = events.map((e, i) => ({ channel: e.channel, payload: toPayload(e, config.MAX_PAYLOAD_BYTES, `events[${i}].data`) }))
     const ids = await publishAll(app, request, claims, toPublish)
     reply.code(201)
     return { ids }

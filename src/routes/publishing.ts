@@ -5,6 +5,7 @@ import { type EventToPublish, IdempotencyConflictError, type IdempotencyKey, typ
 import { PublishQueueTimeoutError } from '../group-publisher.js'
 import type { GatewayClaims } from '../plugins/auth.js'
 import { CHANNEL_NAME_RULE, isChannelName } from '../channel.js'
+import { type JsonCapture, JsonTextError, scanJson } from '../json-text.js'
 
 export function checkChannelNames (channels: Iterable<string>): void {
   for (const channel of channels) {
@@ -15,11 +16,60 @@ export function checkChannelNames (channels: Iterable<string>): void {
 }
 
 /**
- * The payload of a batch event: a string is sent verbatim, any other JSON
- * value as compact JSON text.
+ * Deepest nesting of arrays and objects in a JSON body. Deeper is refused
+ * (400): nothing legitimate nests so deep, and a subscriber's parser may
+ * not take it (serde_json's default limit is 128).
  */
-export function toPayload (data: unknown, maxBytes: number, what: string): string {
-  const payload = typeof data === 'string' ? data : JSON.stringify(data)
+export const MAX_JSON_DEPTH = 128
+
+// The JSON text of each batch event's data, as the client sent it (compacted),
+// keyed by the event object the body was parsed into.
+const dataTexts = new WeakMap<object, string>()
+
+/**
+ * Parses a JSON body: 400 when it is not JSON, nests deeper than
+ * MAX_JSON_DEPTH, or has a `__proto__` or `constructor.prototype` key.
+ * With `capture`, remembers the text of each `list[i].member` for toPayload.
+ */
+export function parseJsonBody (text: string, capture?: JsonCapture): unknown {
+  let value: unknown
+  try {
+    value = JSON.parse(text)
+  } catch {
+    // JSON.parse's message quotes the body: never echo input.
+    throw new BadRequestError('the body is not valid JSON')
+  }
+  let scan
+  try {
+    scan = scanJson(text, MAX_JSON_DEPTH, capture)
+  } catch (err) {
+    if (err instanceof JsonTextError) throw new BadRequestError(err.message)
+    throw err
+  }
+  if (capture !== undefined && typeof value === 'object' && value !== null) {
+    const list = (value as Record<string, unknown>)[capture.list]
+    if (Array.isArray(list)) {
+      list.forEach((item: unknown, i) => {
+        const text = scan.captured[i]
+        if (typeof item === 'object' && item !== null && text !== undefined) dataTexts.set(item, text)
+      })
+    }
+  }
+  return value
+}
+
+/** Where a batch body's event data is: `{"events": [{"data": …}]}`. */
+export const BATCH_DATA: JsonCapture = { list: 'events', member: 'data' }
+
+/**
+ * The payload of a batch event: a string is sent verbatim, any other JSON
+ * value as the JSON text the client sent, compacted: never through a float,
+ * so 12345678901234567890 and 1e400 arrive as written.
+ */
+export function toPayload (event: { data: unknown }, maxBytes: number, what: string): string {
+  const { data } = event
+  // An event that did not come through parseJsonBody has no text: its value is all there is.
+  const payload = typeof data === 'string' ? data : dataTexts.get(event) ?? JSON.stringify(data)
   checkPayload(payload, maxBytes, what)
   return payload
 }
@@ -63,6 +113,24 @@ export function utf8BodyParser (then: (request: FastifyRequest, text: string, do
       return
     }
     then(request, text, done)
+  }
+}
+
+/**
+ * The `then` of utf8BodyParser for JSON: parses with parseJsonBody, and
+ * hands on what `keep` makes of the text and the value (the value itself by
+ * default; a route that publishes the body as sent keeps the text).
+ */
+export function jsonBodyParser (capture?: JsonCapture, keep: (text: string, value: unknown) => unknown = (_text, value) => value) {
+  return (_request: FastifyRequest, text: string, done: ParsedBody): void => {
+    let value: unknown
+    try {
+      value = parseJsonBody(text, capture)
+    } catch (err) {
+      done(err as Error, undefined)
+      return
+    }
+    done(null, keep(text, value))
   }
 }
 

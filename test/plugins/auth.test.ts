@@ -1,4 +1,4 @@
-import { generateKeyPairSync } from 'node:crypto'
+import { createHmac, generateKeyPairSync } from 'node:crypto'
 import { mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
@@ -80,6 +80,57 @@ t.test('HS256: only tokens signed with JWT_SECRET by HS256, with an exp in force
   })
   await t.test('the right token', async (t) => accepted(t, gateway, hs256(ALL)))
   await stillServing(t, gateway)
+})
+
+/** An HS256 token over this exact claims text: numbers such as 1e400 that JSON.stringify cannot write. */
+function signedText (claimsText: string): string {
+  const input = `${Buffer.from('{"alg":"HS256","typ":"JWT"}').toString('base64url')}.${Buffer.from(claimsText).toString('base64url')}`
+  return `${input}.${createHmac('sha256', JWT_SECRET).update(input).digest('base64url')}`
+}
+
+t.test('fractional and absurd exp, nbf and iat: whole seconds, a longest lifetime, a clock tolerance', async (t) => {
+  const gateway = await startGateway(t)
+  const sign = (claims: Record<string, unknown>): string => createSigner({ key: JWT_SECRET })({ ...ALL, ...claims })
+  const ticket = async (token: string): Promise<Response> => await fetch(`${gateway.baseUrl}/tickets`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', authorization: `Bearer ${token}` },
+    body: JSON.stringify({ channels: ['secret'] })
+  })
+  await t.test('a fractional exp is honoured, to the second', async (t) => {
+    const token = signedText(`{"publish":["*"],"subscribe":["*"],"exp":${epoch(600)}.5,"iat":${epoch()}.25,"nbf":${epoch(-10)}.75}`)
+    await accepted(t, gateway, token)
+    const res = await ticket(token)
+    t.equal(res.status, 201, 'a ticket is issued for it')
+    const { ticket: issued } = await res.json() as { ticket: string }
+    const stream = await openStream(t, streamUrl(gateway.baseUrl, ['secret'], { access_token: issued }))
+    t.equal(stream.response.status, 200, 'and opens a stream')
+  })
+  for (const [what, token] of [
+    ['exp 1e300', sign({ exp: 1e300 })],
+    ['exp 1e400 (Infinity)', signedText(`{"publish":["*"],"subscribe":["*"],"exp":1e400,"iat":${epoch()}}`)],
+    ['exp beyond MAX_TOKEN_LIFETIME_SECONDS (90 days)', sign({ exp: epoch(91 * 86400) })]
+  ] as const) {
+    await t.test(what, async (t) => {
+      await refused(t, gateway, token, 401, /lives too long/)
+      await errorBody(t, await ticket(token), 401)
+    })
+  }
+  await t.test('exp -1e400 (-Infinity)', async (t) => refused(t, gateway, signedText('{"subscribe":["*"],"exp":-1e400}'), 401))
+  await t.test('nbf 1e400', async (t) => refused(t, gateway, signedText(`{"subscribe":["*"],"exp":${epoch(60)},"nbf":1e400}`), 401))
+  await t.test('iat in the future', async (t) => refused(t, gateway, sign({ exp: epoch(60), iat: epoch(3600) }), 401, /iat/))
+  await t.test('iat not a number', async (t) => refused(t, gateway, sign({ exp: epoch(60), iat: 'yesterday' }), 401, /iat/))
+  await stillServing(t, gateway)
+})
+
+t.test('MAX_TOKEN_LIFETIME_SECONDS and CLOCK_TOLERANCE_SECONDS are configurable', async (t) => {
+  const gateway = await startGateway(t, { MAX_TOKEN_LIFETIME_SECONDS: '120', CLOCK_TOLERANCE_SECONDS: '60' })
+  const sign = (claims: Record<string, unknown>): string => createSigner({ key: JWT_SECRET })({ ...ALL, ...claims })
+  await t.test('exp within the lifetime', async (t) => accepted(t, gateway, sign({ exp: epoch(100) })))
+  await t.test('exp beyond it', async (t) => refused(t, gateway, sign({ exp: epoch(200) }), 401, /at most 120 seconds/))
+  await t.test('expired within the tolerance', async (t) => accepted(t, gateway, sign({ exp: epoch(-30) })))
+  await t.test('expired beyond it', async (t) => refused(t, gateway, sign({ exp: epoch(-90) }), 401, /expired/))
+  await t.test('nbf within the tolerance', async (t) => accepted(t, gateway, sign({ exp: epoch(100), nbf: epoch(30) })))
+  await t.test('iat within the tolerance', async (t) => accepted(t, gateway, sign({ exp: epoch(100), iat: epoch(30) })))
 })
 
 t.test('aud and iss are enforced when configured', async (t) => {
