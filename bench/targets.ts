@@ -66,7 +66,7 @@ async function stopChild (child: ChildProcess): Promise<void> {
 
 export interface GatewayTarget extends Target {
   databaseUrl: string
-  /** A token that may publish and subscribe on every channel. */
+  /** A token that may publish and subscribe on every channel, and read /metrics. */
   token: string
   /** The gateway's Prometheus metrics as text. */
   metrics (): Promise<string>
@@ -115,7 +115,7 @@ export async function startGateway ({ adminUrl, port, env = {}, nodeArgs = [], l
     await stopChild(child)
     throw err
   }
-  const token = createSigner({ key: secret, algorithm: 'HS256', expiresIn: '2h' })({ sub: 'bench', publish: ['*'], subscribe: ['*'] })
+  const token = createSigner({ key: secret, algorithm: 'HS256', expiresIn: '2h' })({ sub: 'bench', publish: ['*'], subscribe: ['*'], admin: true })
   log(`gateway: pid ${child.pid ?? '?'}, database ${name}`)
   return {
     name: 'gateway',
@@ -133,7 +133,7 @@ export async function startGateway ({ adminUrl, port, env = {}, nodeArgs = [], l
       body: JSON.stringify({ events: payloads.map((data) => ({ channel, data })) })
     }),
     async metrics () {
-      const res = await fetch(`http://127.0.0.1:${port}/metrics`)
+      const res = await fetch(`http://127.0.0.1:${port}/metrics`, { headers: { authorization: `Bearer ${token}` } })
       return await res.text()
     },
     async stop () {

@@ -183,6 +183,8 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
     publicKey: config.jwtPublicKey,
     audience: config.JWT_AUDIENCE,
     issuer: config.JWT_ISSUER,
+    maxFailedAttempts: config.AUTH_FAILURE_MAX,
+    failedAttemptsWindowMs: config.AUTH_FAILURE_WINDOW_MS,
     publicChannels: config.publicChannels,
     cookieName: config.TOKEN_COOKIE,
     trustedOrigins: config.corsOrigins,
@@ -195,8 +197,7 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
     maxStreamsPerAddress: config.MAX_STREAMS_PER_IP,
     maxStreams: config.MAX_STREAMS,
     publishRateMax: config.PUBLISH_RATE_MAX,
-    publishRateWindowMs: config.PUBLISH_RATE_WINDOW_MS,
-    cookieName: config.TOKEN_COOKIE
+    publishRateWindowMs: config.PUBLISH_RATE_WINDOW_MS
   })
   // After the security plugin: its headers and limits cover the static files too.
   await app.register(fastifyStatic, { root: PUBLIC_DIR })

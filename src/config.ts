@@ -40,6 +40,8 @@ export const ConfigSchema = Type.Object({
   MAX_STREAMS: Type.Integer({ default: 10000, minimum: 1 }),
   PUBLISH_RATE_MAX: Type.Integer({ default: 10000, minimum: 1 }),
   PUBLISH_RATE_WINDOW_MS: Type.Integer({ default: 60000, minimum: 1000 }),
+  AUTH_FAILURE_MAX: Type.Integer({ default: 100, minimum: 1 }),
+  AUTH_FAILURE_WINDOW_MS: Type.Integer({ default: 60000, minimum: 1000 }),
   MAX_HEADER_BYTES: Type.Integer({ default: 16384, minimum: 1024, maximum: 1024 * 1024 }),
   MAX_URL_BYTES: Type.Integer({ default: 8192, minimum: 256, maximum: 1024 * 1024 }),
   STREAM_BUFFER_BYTES: Type.Integer({ default: 1024 * 1024, minimum: 1024 }),

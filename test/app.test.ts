@@ -29,7 +29,7 @@ t.test('GET /metrics is Prometheus text with the gateway figures', async (t) => 
   const stream = await openStream(t, streamUrl(gateway.baseUrl, ['m'], { access_token: gateway.token({ subscribe: ['*'] }) }))
   t.equal((await publish(gateway, 'm', 'one')).status, 201)
   await stream.take(1)
-  const response = await gateway.app.inject('/metrics')
+  const response = await gateway.app.inject({ url: '/metrics', headers: { authorization: `Bearer ${gateway.token({ admin: true })}` } })
   t.equal(response.statusCode, 200)
   t.match(response.headers['content-type'], /^text\/plain/)
   t.match(response.body, /^pgsse_events_published_total 1$/m)

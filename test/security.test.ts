@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto'
 import { readFile } from 'node:fs/promises'
 import t from 'tap'
 import { connect, errorBody, JWT_SECRET, openStream, publish, startGateway, type StreamClient, streamUrl, type TestGateway, waitFor, within } from './helper.js'
@@ -356,4 +357,140 @@ t.test('tokens and tickets never reach the logs, whatever the answer', async (t)
   t.notMatch(log, ticket.slice(4), 'no ticket in the logs')
   t.notMatch(log, JWT_SECRET, 'no secret in the logs')
   for (const answer of answers) t.notMatch(answer.body, /tkt_|eyJ/, 'no token nor ticket in an answer')
+})
+
+/** The same token written other ways that verify alike: the scheme's case, the whitespace, the signature's last base64url character. */
+function respellings (token: string): string[] {
+  const dot = token.lastIndexOf('.')
+  const signature = token.slice(dot + 1)
+  const alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_'
+  // A 32-byte signature is 43 characters: the last carries 4 bits and 2
+  // unused ones, which decoders ignore.
+  const last = alphabet.indexOf(signature.slice(-1))
+  const endings = [1, 2, 3].map((bits) => alphabet[(last & ~3) | bits] as string)
+  return [
+    `Bearer ${token}`,
+    `bearer ${token}`,
+    `BEARER ${token}`,
+    `Bearer    ${token}`,
+    `Bearer\t${token}`,
+    ...endings.map((ending) => `Bearer ${token.slice(0, -1)}${ending}`)
+  ]
+}
+
+async function publishAs (gateway: TestGateway, authorization: string, channel = 'rate', headers: Record<string, string> = {}): Promise<Response> {
+  return await fetch(`${gateway.baseUrl}/channels/${channel}`, { method: 'POST', headers: { 'content-type': 'text/plain', authorization, ...headers }, body: 'x' })
+}
+
+t.test('rate limits count the client, not the spelling of its token', async (t) => {
+  const budget = respellings('header.claims.signature').length
+  const gateway = await startGateway(t, { PUBLISH_RATE_MAX: String(budget), AUTH_FAILURE_MAX: '1000' })
+  // Without sub: the token is the client.
+  const spellings = respellings(gateway.token({ publish: ['*'], subscribe: ['spelled'] }))
+  for (const spelling of spellings) t.equal((await publishAs(gateway, spelling)).status, 201, `${JSON.stringify(spelling.slice(0, 12))}…${spelling.slice(-3)} is a valid token`)
+  for (const spelling of spellings) await errorBody(t, await publishAs(gateway, spelling), 429)
+  t.pass('every spelling spent the one budget')
+
+  // Tokens of one subject are one client; tokens that do not verify count as their address.
+  const alice = { sub: 'alice', publish: ['*'] }
+  const first = gateway.token(alice)
+  for (let i = 0; i < budget; i++) t.equal((await publishAs(gateway, `Bearer ${first}`)).status, 201)
+  await errorBody(t, await publishAs(gateway, `Bearer ${gateway.token(alice, { expiresIn: '2h' })}`), 429)
+  t.pass('another token of the same subject shares its budget')
+  const forged = (i: number): string => `Bearer ${first.slice(0, first.lastIndexOf('.') + 1)}${'A'.repeat(42)}${'BCDEFGHIJKLMNOP'[i % 15] as string}`
+  for (let i = 0; i < budget; i++) await errorBody(t, await publishAs(gateway, forged(i)), 401)
+  await errorBody(t, await publishAs(gateway, forged(budget)), 429)
+  t.pass('forged tokens share their address\'s budget')
+  await stillServing(t, gateway)
+})
+
+t.test('publishing and tickets have budgets of their own, for one token', async (t) => {
+  const gateway = await startGateway(t, { PUBLISH_RATE_MAX: '2' })
+  const authorization = `Bearer ${gateway.token({ publish: ['*'], subscribe: ['*'] })}`
+  const ticket = async (): Promise<Response> => await fetch(`${gateway.baseUrl}/tickets`, {
+    method: 'POST',
+    headers: { authorization, 'content-type': 'application/json' },
+    body: JSON.stringify({ channels: ['rate'] })
+  })
+  for (let i = 0; i < 2; i++) t.equal((await publishAs(gateway, authorization)).status, 201)
+  await errorBody(t, await publishAs(gateway, authorization), 429)
+  for (let i = 0; i < 2; i++) t.equal((await ticket()).status, 201, 'tickets are not spent by publishing')
+  await errorBody(t, await ticket(), 429)
+})
+
+t.test('Idempotency-Keys are the client\'s own: tokens without sub never share them', async (t) => {
+  const gateway = await startGateway(t)
+  const db = await connect(t, gateway.databaseUrl)
+  const once = async (authorization: string, key: string): Promise<{ status: number, id: string }> => {
+    const res = await publishAs(gateway, authorization, 'once', { 'idempotency-key': key })
+    return { status: res.status, id: ((await res.json()) as { id: string }).id }
+  }
+  const a = gateway.token({ publish: ['*'] })
+  const b = gateway.token({ publish: ['*'] }, { expiresIn: '2h' })
+  const first = await once(`Bearer ${a}`, 'k1')
+  t.equal(first.status, 201)
+  const other = await once(`Bearer ${b}`, 'k1')
+  t.equal(other.status, 201)
+  t.not(other.id, first.id, 'another token without sub publishes its own event')
+  for (const spelling of respellings(a)) t.same(await once(spelling, 'k1'), first, 'the same token, however spelled, gets its first id back')
+
+  const alice = await once(`Bearer ${gateway.token({ sub: 'alice', publish: ['*'] })}`, 'k2')
+  t.same(await once(`Bearer ${gateway.token({ sub: 'alice', publish: ['*'] }, { expiresIn: '2h' })}`, 'k2'), alice, 'tokens of one subject are one client')
+  const elsewhere = await once(`Bearer ${gateway.token({ sub: 'alice', iss: 'https://other.example.com', publish: ['*'] } as Parameters<TestGateway['token']>[0])}`, 'k2')
+  t.not(elsewhere.id, alice.id, 'the same sub from another issuer is another client')
+  const { rows } = await db.query<{ n: number }>("SELECT count(*)::int AS n FROM sse_gateway.events WHERE channel = 'once'")
+  t.equal(rows[0]?.n, 4, 'four clients, four events')
+})
+
+t.test('an address that keeps failing is refused before its attempts cost anything', async (t) => {
+  const gateway = await startGateway(t, { AUTH_FAILURE_MAX: '5', TRUST_PROXY: 'true' })
+  const from = (address: string): Record<string, string> => ({ 'x-forwarded-for': address })
+  const issued = await fetch(`${gateway.baseUrl}/tickets`, {
+    method: 'POST',
+    headers: { ...bearer(gateway), 'content-type': 'application/json' },
+    body: JSON.stringify({ channels: ['guarded'] })
+  })
+  const { ticket } = await issued.json() as { ticket: string }
+  const guess = (address: string, accessToken: string): Promise<Response> =>
+    fetch(streamUrl(gateway.baseUrl, ['guarded'], { access_token: accessToken }), { headers: from(address) })
+
+  for (let i = 0; i < 5; i++) await errorBody(t, await guess('10.9.9.9', `tkt_${randomBytes(32).toString('base64url')}`), 401)
+  const refused = await guess('10.9.9.9', `tkt_${randomBytes(32).toString('base64url')}`)
+  const body = await errorBody(t, refused, 429)
+  t.match(body.message, /too many failed/)
+  t.match(refused.headers.get('retry-after'), /^[1-9][0-9]*$/, 'with Retry-After')
+  await errorBody(t, await guess('10.9.9.9', ticket), 429)
+  await errorBody(t, await publishAs(gateway, bearer(gateway).authorization as string, 'guarded', from('10.9.9.9')), 429)
+  t.pass('every token or ticket of that address is refused, unchecked')
+  const elsewhere = await openStream(t, streamUrl(gateway.baseUrl, ['guarded'], { access_token: ticket }), from('10.9.9.10'))
+  t.equal(elsewhere.response.status, 200, 'the refused attempt did not spend the ticket, and other addresses go on')
+
+  // Tokens that do not verify count alike, on every route that checks one.
+  const forged = `Bearer ${gateway.token({ publish: ['*'] }).slice(0, -4)}AAAA`
+  for (let i = 0; i < 3; i++) await errorBody(t, await publishAs(gateway, forged, 'guarded', from('10.9.9.11')), 401)
+  await errorBody(t, await fetch(`${gateway.baseUrl}/status`, { headers: { authorization: forged, ...from('10.9.9.11') } }), 401)
+  await errorBody(t, await fetch(`${gateway.baseUrl}/metrics`, { headers: { authorization: forged, ...from('10.9.9.11') } }), 401)
+  await errorBody(t, await fetch(`${gateway.baseUrl}/status`, { headers: { authorization: `Bearer ${gateway.token({ admin: true })}`, ...from('10.9.9.11') } }), 429)
+  await stillServing(t, gateway)
+})
+
+t.test('a CORS preflight allows the headers EventSource polyfills send, for listed origins only', async (t) => {
+  const gateway = await startGateway(t, { CORS_ORIGINS: 'https://app.example.com' })
+  const preflight = async (origin: string): Promise<Response> => await fetch(streamUrl(gateway.baseUrl, ['cors']), {
+    method: 'OPTIONS',
+    headers: { origin, 'access-control-request-method': 'GET', 'access-control-request-headers': 'accept,cache-control,last-event-id,x-requested-with' }
+  })
+  const allowed = await preflight('https://app.example.com')
+  t.equal(allowed.status, 204)
+  t.equal(allowed.headers.get('access-control-allow-origin'), 'https://app.example.com')
+  const headers = (allowed.headers.get('access-control-allow-headers') ?? '').toLowerCase().split(/\s*,\s*/)
+  for (const header of ['accept', 'cache-control', 'last-event-id', 'x-requested-with']) t.ok(headers.includes(header), `${header} is allowed`)
+  const other = await preflight('https://evil.example.com')
+  t.equal(other.headers.get('access-control-allow-origin'), null, 'another origin gets no preflight')
+  t.equal(other.headers.get('access-control-allow-headers'), null, 'nor allowed headers')
+  await other.arrayBuffer()
+  // What a polyfill then sends: the stream opens, for the listed origin.
+  const stream = await openStream(t, streamUrl(gateway.baseUrl, ['cors']), { ...bearer(gateway), origin: 'https://app.example.com', accept: 'text/event-stream', 'cache-control': 'no-cache', 'x-requested-with': 'XMLHttpRequest' })
+  t.equal(stream.response.status, 200)
+  t.equal(stream.response.headers.get('access-control-allow-origin'), 'https://app.example.com')
 })

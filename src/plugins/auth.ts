@@ -1,10 +1,12 @@
+import { createHash } from 'node:crypto'
 import fastifyCookie from '@fastify/cookie'
 import fastifyJwt from '@fastify/jwt'
 import type { FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { ChannelPatterns } from '../channel.js'
 import type { JwtAlgorithm } from '../config.js'
-import { ForbiddenError, UnauthorizedError, UnavailableError } from '../errors.js'
+import { ForbiddenError, TooManyRequestsError, UnauthorizedError, UnavailableError } from '../errors.js'
+import { FailedAttempts } from '../failed-attempts.js'
 import { isTicket, redeemTicket } from '../tickets.js'
 
 export type ChannelAction = 'publish' | 'subscribe'
@@ -39,6 +41,19 @@ declare module 'fastify' {
      * token. Resolves with the token's claims, or null when none was needed.
      */
     authorize (request: FastifyRequest, action: ChannelAction, channels: Iterable<string>): Promise<GatewayClaims | null>
+    /**
+     * Runs `check`, which authenticates the request, unless the client's
+     * address has used up its failed attempts (429 with Retry-After, before
+     * anything is checked); a 401 from `check` counts as one failure.
+     * `authorize` goes through it; so does the operator's check.
+     */
+    attemptAuthentication<T> (request: FastifyRequest, check: () => Promise<T>): Promise<T>
+    /**
+     * The stable identity of the request's token (see tokenIdentity), or
+     * undefined for a request without a valid token (none, a ticket, one
+     * that does not verify): rate limits then count the address.
+     */
+    clientIdentity (request: FastifyRequest): string | undefined
   }
 }
 
@@ -53,6 +68,10 @@ export interface AuthPluginOptions {
   audience?: string | undefined
   /** When set, a token must carry this `iss`. */
   issuer?: string | undefined
+  /** Failed token or ticket attempts an address may make per window (default 100). */
+  maxFailedAttempts?: number
+  /** That window, in milliseconds (default 60 s). */
+  failedAttemptsWindowMs?: number
   publicChannels: ChannelPatterns
   /** The cookie a browser may carry the token in. */
   cookieName?: string
@@ -62,6 +81,22 @@ export interface AuthPluginOptions {
   maxTokenLifetimeSeconds?: number
   /** Seconds of clock skew forgiven on `exp`, `nbf` and `iat`. */
   clockToleranceSeconds?: number
+}
+
+/**
+ * Who a verified token speaks for, as one string, for what is kept per
+ * client (idempotency keys, rate limits): its `iss` and `sub` when it has a
+ * `sub`, so that every token of one subject is one client; otherwise the
+ * token itself, as the hash of its signed part (header and claims), which
+ * no respelling of the token changes (the signature may be written several
+ * ways, and an ECDSA one made anew, but the signed part is fixed by it).
+ */
+export function tokenIdentity (claims: GatewayClaims, token: string): string {
+  const { iss, sub } = claims as { iss?: unknown, sub?: unknown }
+  const identity = sub !== undefined
+    ? JSON.stringify(['sub', iss ?? null, sub])
+    : JSON.stringify(['token', token.slice(0, token.lastIndexOf('.'))])
+  return createHash('sha256').update(identity).digest('base64url')
 }
 
 type TokenSource = 'header' | 'query' | 'cookie'
@@ -97,7 +132,9 @@ function originAllowed (request: FastifyRequest, trusted: ReadonlySet<string>): 
   if (origin === undefined || origin === 'null') return false
   if (trusted.has(origin)) return true
   try {
-    return new URL(origin).host === request.headers.host
+    // Scheme, host and port, as browsers compare origins: an https page is
+    // not the gateway served over http.
+    return new URL(origin).origin === new URL(`${request.protocol}://${request.host}`).origin
   } catch {
     return false
   }
@@ -136,6 +173,7 @@ export function checkTokenTimes (claims: GatewayClaims & { iat?: unknown }, nowM
 
 export default fp<AuthPluginOptions>(async function authPlugin (app, options) {
   const { publicChannels, audience, issuer } = options
+  const failedAttempts = new FailedAttempts(options.maxFailedAttempts ?? 100, options.failedAttemptsWindowMs ?? 60_000)
   const algorithm = options.algorithm ?? 'HS256'
   const cookieName = options.cookieName ?? 'pgsse_token'
   const trustedOrigins = new Set(options.trustedOrigins ?? [])
@@ -205,9 +243,7 @@ export default fp<AuthPluginOptions>(async function authPlugin (app, options) {
     return claims
   }
 
-  app.decorate('authorize', async function authorize (request: FastifyRequest, action: ChannelAction, channels: Iterable<string>): Promise<GatewayClaims | null> {
-    const wanted = [...channels]
-    if (action === 'subscribe' && publicChannels.matchesAll(wanted)) return null
+  async function checkChannels (request: FastifyRequest, action: ChannelAction, wanted: readonly string[]): Promise<GatewayClaims> {
     const found = findToken(request, cookieName)
     if (found === undefined || found.token === '') {
       throw new UnauthorizedError(`a token is needed to ${action}: send Authorization: Bearer <token> or ?access_token=<token>`)
@@ -230,5 +266,53 @@ export default fp<AuthPluginOptions>(async function authPlugin (app, options) {
       throw new ForbiddenError(`the token does not allow to ${action} on ${denied.map((c) => `"${c}"`).join(', ')}`)
     }
     return claims
+  }
+
+  app.decorate('attemptAuthentication', async function attemptAuthentication<T> (request: FastifyRequest, check: () => Promise<T>): Promise<T> {
+    // Only attempts with a credential count and are refused: they are the
+    // ones that cost a signature check or a DELETE.
+    if (findToken(request, cookieName) === undefined) return await check()
+    const retryAfter = failedAttempts.retryAfter(request.ip)
+    if (retryAfter > 0) {
+      const refusal = new TooManyRequestsError(`too many failed token or ticket attempts from this address: retry in ${retryAfter} s`)
+      throw Object.assign(refusal, { retryAfterSeconds: retryAfter })
+    }
+    try {
+      return await check()
+    } catch (err) {
+      if (err instanceof UnauthorizedError) failedAttempts.fail(request.ip)
+      throw err
+    }
+  })
+
+  // The refusal's Retry-After: onError hooks run with the reply, before the
+  // error handler answers.
+  app.addHook('onError', async (_request, reply, err) => {
+    const { retryAfterSeconds } = err as { retryAfterSeconds?: unknown }
+    if (typeof retryAfterSeconds === 'number') reply.header('retry-after', String(retryAfterSeconds))
+  })
+
+  app.decorate('authorize', async function authorize (request: FastifyRequest, action: ChannelAction, channels: Iterable<string>): Promise<GatewayClaims | null> {
+    const wanted = [...channels]
+    // Public channels need no credential, so an address refused for its
+    // failures may still read them.
+    if (action === 'subscribe' && publicChannels.matchesAll(wanted)) return null
+    return await app.attemptAuthentication(request, async () => await checkChannels(request, action, wanted))
+  })
+
+  // Rate limits ask for it before the route checks the token, and the
+  // publish route again: once per request.
+  const identities = new WeakMap<FastifyRequest, string | undefined>()
+  app.decorate('clientIdentity', function clientIdentity (request: FastifyRequest): string | undefined {
+    if (identities.has(request)) return identities.get(request)
+    const found = findToken(request, cookieName)
+    // An address refused for its failures gets no signature check, here either.
+    if (found === undefined || found.token === '' || isTicket(found.token) || failedAttempts.retryAfter(request.ip) > 0) return undefined
+    let identity: string | undefined
+    try {
+      identity = tokenIdentity(app.jwt.verify<GatewayClaims>(found.token), found.token)
+    } catch {}
+    identities.set(request, identity)
+    return identity
   })
 }, { name: 'gateway-auth', dependencies: ['@fastify/postgres'] })

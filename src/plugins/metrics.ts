@@ -1,7 +1,6 @@
 import fp from 'fastify-plugin'
 import type { StreamTally } from '../event-stream.js'
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client'
-import { pollingLogLevel } from '../logging.js'
 
 export interface GatewayMetrics {
   registry: Registry
@@ -136,10 +135,5 @@ export default fp(async function metricsPlugin (app) {
     if (reply.statusCode === 201 && route !== undefined && PUBLISH_ROUTES.has(route)) {
       metrics.publishDuration.observe({ route }, reply.elapsedTime / 1000)
     }
-  })
-
-  app.get('/metrics', { logLevel: pollingLogLevel(app) }, async (_request, reply) => {
-    reply.type(registry.contentType)
-    return registry.metrics()
   })
 }, { name: 'gateway-metrics' })

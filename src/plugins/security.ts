@@ -1,8 +1,7 @@
-import { createHash } from 'node:crypto'
 import fastifyCors from '@fastify/cors'
 import fastifyHelmet from '@fastify/helmet'
 import fastifyRateLimit from '@fastify/rate-limit'
-import type { FastifyReply, FastifyRequest, onRequestAsyncHookHandler } from 'fastify'
+import type { FastifyInstance, FastifyReply, FastifyRequest, onRequestAsyncHookHandler } from 'fastify'
 import fp from 'fastify-plugin'
 import { TooManyRequestsError, UriTooLongError } from '../errors.js'
 import { StreamLimits } from '../stream-limits.js'
@@ -27,7 +26,6 @@ export interface SecurityPluginOptions {
   /** Publish requests allowed per token (or address) in each window. */
   publishRateMax: number
   publishRateWindowMs: number
-  cookieName: string
 }
 
 /*
@@ -59,19 +57,14 @@ export const API_ROUTE = {
 } as const
 
 /**
- * The key a request is limited by: its token (hashed: keys are kept in
- * memory), or its address when it has none. Read before the token is
- * checked, so a client with forged tokens spreads over buckets it cannot
- * use anyway: each of them answers 401.
+ * The key a request is limited by: the identity of its verified token (one
+ * budget per client, however the token is spelled), or its address when it
+ * has no valid token. Tokens that do not verify thus share their address's
+ * budget, and each of them answers 401 anyway.
  */
-function rateLimitKey (request: FastifyRequest, cookieName: string): string {
-  const header = request.headers.authorization
-  const query = request.query as Record<string, unknown> | undefined
-  const token = typeof header === 'string'
-    ? header
-    : typeof query?.access_token === 'string' ? query.access_token : request.cookies[cookieName]
-  if (token === undefined || token === '') return `ip:${request.ip}`
-  return `token:${createHash('sha256').update(token).digest('base64url')}`
+function rateLimitKey (app: FastifyInstance, request: FastifyRequest): string {
+  const identity = app.clientIdentity(request)
+  return identity === undefined ? `ip:${request.ip}` : `token:${identity}`
 }
 
 /** Security headers, CORS, rate limits and request size limits. */
@@ -103,7 +96,10 @@ export default fp<SecurityPluginOptions>(async function securityPlugin (app, opt
     origin: (origin, callback) => callback(null, origin !== undefined && allowedOrigins.has(origin) ? origin : false),
     credentials: true,
     methods: ['GET', 'POST'],
-    allowedHeaders: ['authorization', 'content-type', 'last-event-id', 'idempotency-key'],
+    // EventSource polyfills (the eventsource package, others) send
+    // Cache-Control, some X-Requested-With, and Accept; a preflight that does
+    // not allow them fails their cross-origin streams.
+    allowedHeaders: ['authorization', 'content-type', 'last-event-id', 'idempotency-key', 'accept', 'cache-control', 'x-requested-with'],
     maxAge: 600
   })
 
@@ -111,7 +107,6 @@ export default fp<SecurityPluginOptions>(async function securityPlugin (app, opt
     global: false,
     max: options.publishRateMax,
     timeWindow: options.publishRateWindowMs,
-    keyGenerator: (request) => rateLimitKey(request, options.cookieName),
     errorResponseBuilder: (_request, context) =>
       new TooManyRequestsError(`too many requests: at most ${context.max} in ${options.publishRateWindowMs / 1000} s; retry in ${context.after}`)
   })
@@ -124,9 +119,13 @@ export default fp<SecurityPluginOptions>(async function securityPlugin (app, opt
     }
   })
 
-  // One limiter (one store) per budget: a route's own `config.rateLimit`
-  // would give each route a separate budget.
-  app.decorate('publishRateLimit', app.rateLimit() as onRequestAsyncHookHandler)
-  app.decorate('ticketRateLimit', app.rateLimit() as onRequestAsyncHookHandler)
+  // One limiter per budget, shared by its routes (a route's own
+  // `config.rateLimit` would give each route a budget). Options make
+  // app.rateLimit() give each limiter a store of its own; without them both
+  // would count in the plugin's one store.
+  const budget = (name: string): onRequestAsyncHookHandler =>
+    app.rateLimit({ keyGenerator: (request) => `${name}:${rateLimitKey(app, request)}` }) as onRequestAsyncHookHandler
+  app.decorate('publishRateLimit', budget('publish'))
+  app.decorate('ticketRateLimit', budget('ticket'))
   app.decorate('streamLimits', new StreamLimits(options.maxStreamsPerAddress, options.maxStreams))
 }, { name: 'gateway-security', dependencies: ['gateway-auth'] })

@@ -174,9 +174,13 @@ export async function publishAll (app: FastifyInstance, request: FastifyRequest,
     if (typeof header !== 'string' || !IDEMPOTENCY_KEY.test(header)) {
       throw new BadRequestError('Idempotency-Key must be 1 to 255 visible ASCII characters')
     }
+    // Keys are the client's own: scoped to the identity of its token (its
+    // iss and sub, or the token itself without a sub), never shared.
+    const client = app.clientIdentity(request)
+    // Publishing was authorized with a token: it has one.
+    if (client === undefined || claims === null) throw new Error('a publish without a verified token')
     idempotency = {
-      // Keys are the client's own: scoped to the token's subject.
-      key: JSON.stringify([claims?.sub ?? '', header]),
+      key: JSON.stringify([client, header]),
       requestHash: createHash('sha256').update(JSON.stringify(events)).digest('base64url')
     }
   }

@@ -11,9 +11,10 @@ export interface StatusRoutesOptions {
 }
 
 /**
- * The operator's view of this instance: needs a token with `"admin": true`
- * (`npm run token -- --admin`), since channel names may say more than a
- * subscriber should learn.
+ * The operator's views of this instance (GET /status, GET /metrics) need a
+ * token with `"admin": true` (`npm run token -- --admin`), in the
+ * Authorization header: channel names, and how many streams, channels and
+ * events there are, say more than a client should learn.
  */
 async function authorizeOperator (request: FastifyRequest): Promise<void> {
   let claims: GatewayClaims
@@ -22,16 +23,26 @@ async function authorizeOperator (request: FastifyRequest): Promise<void> {
   } catch (err) {
     const code = (err as { code?: string }).code
     const missing = code === 'FST_JWT_NO_AUTHORIZATION_IN_HEADER' || code === 'FST_JWT_NO_AUTHORIZATION_IN_COOKIE'
-    throw new UnauthorizedError(missing ? 'the status needs an operator token: send Authorization: Bearer <token>' : 'the token is invalid or has expired')
+    throw new UnauthorizedError(missing ? 'this needs an operator token: send Authorization: Bearer <token>' : 'the token is invalid or has expired')
   }
-  if (claims.admin !== true) throw new ForbiddenError('the status needs a token with "admin": true')
+  if (claims.admin !== true) throw new ForbiddenError('this needs a token with "admin": true')
 }
 
 export default async function statusRoutes (app: FastifyInstance, { config }: StatusRoutesOptions): Promise<void> {
   const startedAt = new Date()
 
+  // Failed attempts count against the address, as on every other route.
+  const operator = async (request: FastifyRequest): Promise<void> => await app.attemptAuthentication(request, async () => await authorizeOperator(request))
+
+  // Prometheus scrapes with the operator token as its bearer token.
+  app.get('/metrics', { ...API_ROUTE, logLevel: pollingLogLevel(app) }, async (request, reply) => {
+    await operator(request)
+    reply.type(app.metrics.registry.contentType)
+    return await app.metrics.registry.metrics()
+  })
+
   app.get('/status', { ...API_ROUTE, logLevel: pollingLogLevel(app) }, async (request) => {
-    await authorizeOperator(request)
+    await operator(request)
     let log: LogBounds
     try {
       log = await readLogBounds(app.pg.pool)

@@ -249,6 +249,8 @@ t.test('a token in an HttpOnly cookie: streams, and publishes from allowed origi
   await errorBody(t, await post({ origin: 'https://evil.example.com' }, 'cross-site'), 403)
   await errorBody(t, await post({ origin: 'null' }, 'opaque origin'), 403)
   await errorBody(t, await post({ origin: 'https://app.example.com.evil.com' }, 'look-alike'), 403)
+  await errorBody(t, await post({ origin: gateway.baseUrl.replace('http:', 'https:') }, 'another scheme'), 403)
+  await errorBody(t, await post({ origin: `${gateway.baseUrl.replace(/:\d+$/, '')}:1` }, 'another port'), 403)
   const ticket = await fetch(`${gateway.baseUrl}/tickets`, {
     method: 'POST',
     headers: { 'content-type': 'application/json', cookie, origin: 'https://evil.example.com' },
@@ -261,4 +263,16 @@ t.test('a token in an HttpOnly cookie: streams, and publishes from allowed origi
     'a bearer token is no CSRF risk: a page cannot make a browser send it')
   const events = await within(stream.take(3), '3 events')
   t.same(events.map((e) => e.data), ['listed origin', 'same origin', 'bearer'], 'only the allowed publishes were published')
+})
+
+t.test('behind a trusted TLS proxy the gateway\'s own origin is https', async (t) => {
+  const gateway = await startGateway(t, { TRUST_PROXY: 'true' })
+  const host = new URL(gateway.baseUrl).host
+  const post = async (origin: string, body: string): Promise<Response> => await fetch(`${gateway.baseUrl}/channels/proxied`, {
+    method: 'POST',
+    headers: { 'content-type': 'text/plain', cookie: `pgsse_token=${gateway.token(ALL)}`, 'x-forwarded-proto': 'https', origin },
+    body
+  })
+  t.equal((await post(`https://${host}`, 'own origin')).status, 201)
+  await errorBody(t, await post(`http://${host}`, 'plain http'), 403)
 })

@@ -46,7 +46,7 @@ t.test('a killed listener shows in the logs, the metrics and /readyz, and stream
 
   await within(stream.until(() => stream.control.some((e) => e.event === 'gateway/gap'), 'gateway/gap'), 'gateway/gap')
   t.notOk(stream.ended, 'the stream stayed open')
-  const metrics = (await app.inject('/metrics')).body
+  const metrics = (await app.inject({ url: '/metrics', headers: { authorization: `Bearer ${app.jwt.sign({ admin: true })}` } })).body
   t.match(metrics, /^pgsse_listener_reconnects_total 1$/m)
   t.match(metrics, /^pgsse_listener_connected 1$/m)
   t.match(metrics, /^pgsse_channels_listened 2$/m)
