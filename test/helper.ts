@@ -106,6 +106,8 @@ export class StreamClient {
   readonly events: ReceivedEvent[] = []
   /** Events of the gateway itself (`gateway/open`, `gateway/missed`, `gateway/gap`). */
   readonly control: ReceivedEvent[] = []
+  /** Both, in the order they came. */
+  readonly arrived: ReceivedEvent[] = []
   readonly comments: string[] = []
   retry: number | undefined
   readonly #abort: AbortController
@@ -120,6 +122,7 @@ export class StreamClient {
       onEvent: (e: EventSourceMessage) => {
         const received = { id: e.id, event: e.event, data: e.data };
         (e.event?.startsWith('gateway/') === true ? this.control : this.events).push(received)
+        this.arrived.push(received)
         this.#wake()
       },
       onRetry: (ms) => { this.retry = ms; this.#wake() },

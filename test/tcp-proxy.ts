@@ -29,7 +29,7 @@ export class FreezableProxy {
    */
   startingUp = false
   readonly #server: Server
-  readonly #target: { host: string, port: number }
+  #target: { host: string, port: number }
 
   constructor (target: { host: string, port: number }) {
     this.#target = target
@@ -93,6 +93,19 @@ export class FreezableProxy {
     if (pair === undefined) throw new Error(`no proxied connection from port ${port}`)
     pair.frozen = true
     return pair
+  }
+
+  /**
+   * Points connections opened from now on at `target`, and cuts every
+   * current pair (both sockets destroyed), as a virtual IP or a DNS name
+   * moved to a new primary does: clients reconnect and reach the new target.
+   */
+  retarget (target: { host: string, port: number }): void {
+    this.#target = target
+    for (const { client, upstream } of this.pairs) {
+      client.destroy()
+      upstream.destroy()
+    }
   }
 
   async close (): Promise<void> {
