@@ -1,6 +1,6 @@
 import { createHmac, timingSafeEqual } from 'node:crypto'
 import { readdirSync, readFileSync } from 'node:fs'
-import type pg from 'pg'
+import pg from 'pg'
 import { type EventId, parseEventId } from './event-id.js'
 
 // The event log lives in its own schema; every gateway instance on a database
@@ -124,6 +124,17 @@ function readMigrations (): readonly string[] {
 
 const MIGRATIONS = readMigrations()
 
+// The client-side bound (pg's query_timeout) for the statements that may
+// run long on a large log: a migration that rebuilds an index, a prune of a
+// large backlog. The pool's own bound (PG_QUERY_TIMEOUT_MS) is for short
+// statements; this one still ends the wait on a connection gone silent.
+const LONG_STATEMENT_TIMEOUT_MS = 30 * 60_000
+
+// pg reads query_timeout from a query's config; its types leave it out.
+function longStatement (text: string, values: unknown[] = []): pg.QueryConfig {
+  return { text, values, query_timeout: LONG_STATEMENT_TIMEOUT_MS } as pg.QueryConfig
+}
+
 /** The schema version migrate() brings a database to. */
 export const SCHEMA_VERSION = MIGRATIONS.length
 
@@ -148,7 +159,7 @@ export async function migrate (client: pg.ClientBase, toVersion = SCHEMA_VERSION
     const { rows } = await client.query<{ version: number | null }>(`SELECT max(version) AS version FROM ${LOG_SCHEMA}.schema_version`)
     const applied = rows[0]?.version ?? 0
     for (let version = applied + 1; version <= toVersion; version++) {
-      await client.query(MIGRATIONS[version - 1] as string)
+      await client.query(longStatement(MIGRATIONS[version - 1] as string))
       await client.query(`INSERT INTO ${LOG_SCHEMA}.schema_version (version) VALUES ($1)`, [version])
     }
     await client.query('COMMIT')
@@ -233,11 +244,14 @@ export async function publishEvents (pool: pg.Pool, events: readonly EventToPubl
   } catch (err) {
     if (err instanceof IdempotencyConflictError) throw err
     failed = err
-    await client.query('ROLLBACK').catch(() => {})
+    // Only a connection on which the server answered can take a ROLLBACK;
+    // on one that went silent it would wait out another query timeout. The
+    // connection is destroyed below, and the server ends the transaction.
+    if (err instanceof pg.DatabaseError) await client.query('ROLLBACK').catch(() => {})
     throw err
   } finally {
     // A client whose connection broke must not go back to the pool.
-    client.release(failed instanceof Error && !('code' in failed) ? failed : undefined)
+    client.release(failed instanceof Error && !(failed instanceof pg.DatabaseError) ? failed : undefined)
   }
 }
 
@@ -376,7 +390,7 @@ export async function pruneLog (pool: pg.Pool, policy: RetentionPolicy): Promise
       [policy.maxAgeSeconds, policy.maxEvents]
     )
     const through = cut?.through ?? '0'
-    const deleted = await client.query(`DELETE FROM ${LOG_SCHEMA}.events WHERE id <= $1`, [through])
+    const deleted = await client.query(longStatement(`DELETE FROM ${LOG_SCHEMA}.events WHERE id <= $1`, [through]))
     await client.query(`UPDATE ${LOG_SCHEMA}.log_retention SET pruned_through = $1 WHERE pruned_through < $1`, [through])
     await client.query(`DELETE FROM ${LOG_SCHEMA}.idempotency_keys WHERE created_at < now() - make_interval(secs => $1)`, [policy.idempotencyWindowSeconds])
     await client.query('COMMIT')
