@@ -2,15 +2,12 @@ import { EventEmitter } from 'node:events'
 import pg from 'pg'
 import type { EventId } from './event-id.js'
 import { decodeNotification, readEvents, readListenerStart, readReplayPage } from './event-log.js'
+import { type ChannelEvent, EventOrderer } from './event-orderer.js'
+import { reconnectDelay, watchLiveness } from './liveness.js'
+
+export type { ChannelEvent } from './event-orderer.js'
 
 export const LISTENER_APPLICATION_NAME = 'pg-sse-gateway:listener'
-
-/** What the listener hands on: a gateway event (with id) or a plain NOTIFY. */
-export interface ChannelEvent {
-  channel: string
-  id: string | undefined
-  data: string
-}
 
 export interface ListenerOptions {
   connectionString: string
@@ -55,12 +52,6 @@ interface ListenerEvents {
   error: [Error]
 }
 
-interface PendingEvent {
-  channel: string
-  id: string | undefined
-  data: string | undefined
-}
-
 // Rows read per query when catching up.
 const CATCH_UP_PAGE = 1000
 
@@ -88,14 +79,13 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
   readonly #listening = new Set<string>()
   #client: pg.Client | null = null
   #sync: Promise<void> = Promise.resolve()
-  #pending: PendingEvent[] = []
-  #draining = false
+  readonly #orderer: EventOrderer
   // While catching up, live notifications wait behind the log read.
   #catchingUp = false
   #closed = false
   #everConnected = false
   #reconnectTimer: NodeJS.Timeout | null = null
-  #livenessTimer: NodeJS.Timeout | null = null
+  #stopLiveness: (() => void) | undefined
   #failures = 0
   #reconnects = 0
   // The log's wire key: only notifications whose MAC it verifies are events.
@@ -103,9 +93,6 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
   // The server session of the last connection, ended once a new one is up:
   // after a partition it may linger for minutes, pinning the NOTIFY queue.
   #previousBackend: { pid: number, startedAt: string } | undefined
-  // The largest event id emitted: every logged event on a wanted channel up
-  // to it has been emitted, since they arrive in id order.
-  #position = 0
 
   constructor (options: ListenerOptions) {
     super()
@@ -116,6 +103,19 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
       livenessTimeoutMs: 5_000,
       ...options
     }
+    this.#orderer = new EventOrderer({
+      read: async (ids) => {
+        if (this.#client === null) throw new Error('listener is not connected')
+        return await readEvents(this.#client, ids)
+      },
+      emit: (event) => this.emit('event', event),
+      // The connection is dropped: the catch-up after the reconnect reads
+      // what was pending again, in order.
+      onReadFailed: (err) => {
+        this.emit('error', err)
+        if (this.#client !== null) this.#kill(this.#client, err)
+      }
+    })
   }
 
   get connected (): boolean {
@@ -141,7 +141,7 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
 
   /** The id of the last logged event emitted (or the log head at start). */
   get position (): number {
-    return this.#position
+    return this.#orderer.position
   }
 
   /** Connects for the first time; rejects if the database cannot be reached. */
@@ -164,7 +164,7 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
   async close (): Promise<void> {
     this.#closed = true
     if (this.#reconnectTimer !== null) clearTimeout(this.#reconnectTimer)
-    if (this.#livenessTimer !== null) clearInterval(this.#livenessTimer)
+    this.#stopLiveness?.()
     const client = this.#client
     this.#client = null
     this.#listening.clear()
@@ -198,14 +198,15 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
       // LISTEN fails on a standby; after a failover, wait for the primary.
       if (rows[0]?.standby === true) throw new Error('the server is a standby: LISTEN needs a primary')
       backend = { pid: rows[0]?.pid ?? 0, startedAt: rows[0]?.started_at ?? '' }
-      const start = await readListenerStart(client, this.#position)
+      const position = this.#orderer.position
+      const start = await readListenerStart(client, position)
       this.#wireKey = start.wireKey
-      if (!this.#everConnected) this.#position = start.head
+      if (!this.#everConnected) this.#orderer.position = start.head
       // The log no longer holds what was delivered up to the position: it
       // forked (a hole in the ids tells), or its head fell behind before
       // anything was published on the new timeline.
       else if (start.forkedAfter !== undefined) rewindTo = start.forkedAfter
-      else if (start.head < this.#position) rewindTo = start.head
+      else if (start.head < position) rewindTo = start.head
     } catch (err) {
       client.removeAllListeners('end')
       await client.end().catch(() => {})
@@ -219,13 +220,14 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
     this.#client = client
     this.#listening.clear()
     this.#catchingUp = reconnected
+    if (reconnected) this.#orderer.hold()
     try {
       await this.#converge()
       let caughtUp = 0
       if (reconnected) {
         await this.#endPreviousBackend(client)
         if (rewindTo !== undefined) {
-          this.#position = rewindTo
+          this.#orderer.position = rewindTo
           this.emit('discontinuity', { cause: 'forked', resumedAfter: rewindTo })
         }
         caughtUp = await this.#catchUp(client)
@@ -234,11 +236,16 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
       this.#failures = 0
       if (reconnected) this.#reconnects++
       this.#everConnected = true
-      this.#startLiveness(client)
+      this.#stopLiveness?.()
+      this.#stopLiveness = watchLiveness(
+        async () => { await this.#checkSession(client) },
+        { intervalMs: this.#options.livenessIntervalMs, timeoutMs: this.#options.livenessTimeoutMs },
+        (err) => this.#kill(client, err)
+      )
       this.emit('connected', { reconnected, caughtUp })
     } finally {
       this.#catchingUp = false
-      if (this.#pending.length > 0 && !this.#draining) this.#startDrain()
+      this.#orderer.release()
     }
   }
 
@@ -275,58 +282,30 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
     if (this.#wireKey === undefined) return 0
     let count = 0
     for (;;) {
-      const { prunedThrough, events } = await readReplayPage(client, [...this.#wanted], this.#position, CATCH_UP_PAGE)
-      if (prunedThrough > this.#position) {
-        this.#position = prunedThrough
+      const { prunedThrough, events } = await readReplayPage(client, [...this.#wanted], this.#orderer.position, CATCH_UP_PAGE)
+      if (prunedThrough > this.#orderer.position) {
+        this.#orderer.position = prunedThrough
         this.emit('discontinuity', { cause: 'pruned', resumedAfter: prunedThrough })
       }
-      for (const row of events) {
-        this.#position = Number(row.id)
-        this.emit('event', { channel: row.channel, id: row.id, data: row.payload })
-      }
+      for (const row of events) this.#orderer.emitLogged(row)
       count += events.length
       if (events.length < CATCH_UP_PAGE) return count
     }
   }
 
-  #startLiveness (client: pg.Client): void {
-    if (this.#livenessTimer !== null) clearInterval(this.#livenessTimer)
-    // One check at a time: with an interval shorter than the timeout, checks
-    // would otherwise pile up as concurrent queries on a silent connection
-    // (which pg deprecates) until the first one times out.
-    let checking = false
-    this.#livenessTimer = setInterval(() => {
-      if (checking) return
-      checking = true
-      this.#checkLiveness(client)
-        .catch((err: Error) => this.#kill(client, err))
-        .finally(() => { checking = false })
-    }, this.#options.livenessIntervalMs)
-    this.#livenessTimer.unref()
-  }
-
-  async #checkLiveness (client: pg.Client): Promise<void> {
+  // The periodic check: the session answers, is on a primary, and still
+  // LISTENs on every channel it should.
+  async #checkSession (client: pg.Client): Promise<void> {
     if (this.#client !== client) return
-    let timer: NodeJS.Timeout | undefined
-    const timeout = new Promise<never>((_resolve, reject) => {
-      timer = setTimeout(() => reject(new Error(`listener liveness query took over ${this.#options.livenessTimeoutMs} ms`)), this.#options.livenessTimeoutMs)
-    })
-    try {
-      const { rows } = await Promise.race([
-        client.query<{ standby: boolean, channels: string[] }>('SELECT pg_is_in_recovery() AS standby, ARRAY(SELECT pg_listening_channels()) AS channels'),
-        timeout
-      ])
-      const row = rows[0]
-      if (row?.standby === true) throw new Error('the server became a standby: LISTEN needs a primary')
-      const listened = new Set(row?.channels ?? [])
-      const lost = [...this.#listening].filter((c) => !listened.has(c))
-      if (lost.length > 0) {
-        this.emit('error', new Error(`the session had stopped listening on ${lost.length} channel(s); listening again`))
-        for (const c of lost) this.#listening.delete(c)
-        await this.#converge()
-      }
-    } finally {
-      clearTimeout(timer)
+    const { rows } = await client.query<{ standby: boolean, channels: string[] }>('SELECT pg_is_in_recovery() AS standby, ARRAY(SELECT pg_listening_channels()) AS channels')
+    const row = rows[0]
+    if (row?.standby === true) throw new Error('the server became a standby: LISTEN needs a primary')
+    const listened = new Set(row?.channels ?? [])
+    const lost = [...this.#listening].filter((c) => !listened.has(c))
+    if (lost.length > 0) {
+      this.emit('error', new Error(`the session had stopped listening on ${lost.length} channel(s); listening again`))
+      for (const c of lost) this.#listening.delete(c)
+      await this.#converge()
     }
   }
 
@@ -341,8 +320,8 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
     if (this.#client !== client) return
     this.#client = null
     this.#listening.clear()
-    if (this.#livenessTimer !== null) clearInterval(this.#livenessTimer)
-    this.#livenessTimer = null
+    this.#stopLiveness?.()
+    this.#stopLiveness = undefined
     client.end().catch(() => {})
     if (this.#closed) return
     this.emit('disconnected', err)
@@ -352,10 +331,7 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
   }
 
   #scheduleReconnect (): void {
-    const { reconnectDelayMs, reconnectDelayMaxMs } = this.#options
-    const ceiling = Math.min(reconnectDelayMaxMs, reconnectDelayMs * 2 ** this.#failures)
-    // Full jitter: instances that lost the same server do not come back in step.
-    const delay = Math.random() * ceiling
+    const delay = reconnectDelay(this.#failures, this.#options.reconnectDelayMs, this.#options.reconnectDelayMaxMs)
     this.#failures++
     this.#reconnectTimer = setTimeout(() => {
       this.#reconnectTimer = null
@@ -396,65 +372,7 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
 
   #onNotification (channel: string, payload: string): void {
     const decoded = decodeNotification(channel, payload, this.#wireKey)
-    this.#pending.push(decoded === null
-      ? { channel, id: undefined, data: payload }
-      : { channel, id: String(decoded.id), data: decoded.data })
-    if (!this.#draining && !this.#catchingUp) this.#startDrain()
-  }
-
-  #startDrain (): void {
-    this.#drain().catch((err: Error) => this.emit('error', err))
-  }
-
-  // Emits pending events in arrival order. An event whose payload is in the
-  // log holds back those behind it until it has been read. A logged event at
-  // or below the position was already emitted (by a catch-up): dropped.
-  async #drain (): Promise<void> {
-    this.#draining = true
-    try {
-      while (this.#pending.length > 0 && !this.#catchingUp) {
-        const missing = this.#pending.filter((e) => e.data === undefined && e.id !== undefined)
-        // Only the events that were pending before the read are settled:
-        // a reference that arrived during it has not been read yet and must
-        // wait for the next round, or it would be dropped as missing.
-        const settled = this.#pending.length
-        if (missing.length > 0 && !await this.#fill(missing)) return
-        const batch = this.#pending.splice(0, settled)
-        for (const e of batch) {
-          if (e.data === undefined) continue
-          if (e.id !== undefined) {
-            const id = Number(e.id)
-            if (id <= this.#position) continue
-            this.#position = id
-          }
-          this.emit('event', { channel: e.channel, id: e.id, data: e.data })
-        }
-      }
-    } finally {
-      this.#draining = false
-    }
-  }
-
-  // Reads referenced payloads from the log. If the read fails, the
-  // connection is dropped with everything pending: the catch-up after the
-  // reconnect reads those events again, in order.
-  async #fill (missing: PendingEvent[]): Promise<boolean> {
-    const client = this.#client
-    try {
-      if (client === null) throw new Error('listener is not connected')
-      const rows = await readEvents(client, missing.map((e) => e.id as string))
-      const byId = new Map(rows.map((r) => [r.id, r]))
-      for (const e of missing) {
-        const row = byId.get(e.id as string)
-        // A row for another channel would be a forged reference: drop it.
-        if (row !== undefined && row.channel === e.channel) e.data = row.payload
-      }
-      return true
-    } catch (err) {
-      this.#pending = []
-      this.emit('error', err as Error)
-      if (client !== null) this.#kill(client, err as Error)
-      return false
-    }
+    if (decoded === null) this.#orderer.push(channel, undefined, payload)
+    else this.#orderer.push(channel, decoded.id, decoded.data)
   }
 }
