@@ -2,6 +2,7 @@ import { readFileSync } from 'node:fs'
 import { Type, type Static } from '@sinclair/typebox'
 import envSchema from 'env-schema'
 import { ChannelPatterns } from './channel.js'
+import { LISTENER_DEFAULTS } from './listener.js'
 
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const
 export const JWT_ALGORITHMS = ['HS256', 'RS256', 'ES256'] as const
@@ -49,9 +50,9 @@ export const ConfigSchema = Type.Object({
   // The client-side bound on every statement of the pool; the server's
   // statement_timeout is two thirds of it.
   PG_QUERY_TIMEOUT_MS: Type.Integer({ default: 15000, minimum: 300 }),
-  LISTENER_LIVENESS_INTERVAL_MS: Type.Integer({ default: 10000, minimum: 10 }),
-  LISTENER_LIVENESS_TIMEOUT_MS: Type.Integer({ default: 5000, minimum: 10 }),
-  LISTENER_RECONNECT_MAX_MS: Type.Integer({ default: 10000, minimum: 10 }),
+  LISTENER_LIVENESS_INTERVAL_MS: Type.Integer({ default: LISTENER_DEFAULTS.livenessIntervalMs, minimum: 10 }),
+  LISTENER_LIVENESS_TIMEOUT_MS: Type.Integer({ default: LISTENER_DEFAULTS.livenessTimeoutMs, minimum: 10 }),
+  LISTENER_RECONNECT_MAX_MS: Type.Integer({ default: LISTENER_DEFAULTS.reconnectDelayMaxMs, minimum: 10 }),
   RETENTION_MAX_AGE_SECONDS: Type.Integer({ default: 86400, minimum: 1 }),
   RETENTION_MAX_EVENTS: Type.Integer({ default: 1_000_000, minimum: 1 }),
   RETENTION_INTERVAL_MS: Type.Integer({ default: 60000, minimum: 10 }),

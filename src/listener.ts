@@ -20,6 +20,14 @@ export interface ListenerOptions {
   livenessTimeoutMs?: number
 }
 
+/** The defaults of the optional ListenerOptions (ms); config.ts takes its defaults from here. */
+export const LISTENER_DEFAULTS: Readonly<Required<Omit<ListenerOptions, 'connectionString'>>> = {
+  reconnectDelayMs: 100,
+  reconnectDelayMaxMs: 10_000,
+  livenessIntervalMs: 10_000,
+  livenessTimeoutMs: 5_000
+}
+
 export type ListenerState = 'live' | 'catching-up' | 'disconnected' | 'closed'
 
 /**
@@ -96,13 +104,7 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
 
   constructor (options: ListenerOptions) {
     super()
-    this.#options = {
-      reconnectDelayMs: 100,
-      reconnectDelayMaxMs: 10_000,
-      livenessIntervalMs: 10_000,
-      livenessTimeoutMs: 5_000,
-      ...options
-    }
+    this.#options = { ...LISTENER_DEFAULTS, ...options }
     this.#orderer = new EventOrderer({
       read: async (ids) => {
         if (this.#client === null) throw new Error('listener is not connected')
