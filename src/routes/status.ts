@@ -15,7 +15,7 @@ export interface StatusRoutesOptions {
  * (`npm run token -- --admin`), since channel names may say more than a
  * subscriber should learn.
  */
-async function authorizeOperator (request: FastifyRequest): Promise<void> {
+export async function authorizeOperator (request: FastifyRequest): Promise<void> {
   let claims: GatewayClaims
   try {
     claims = await request.jwtVerify<GatewayClaims>()
