@@ -220,19 +220,21 @@ const MAX_TIMEOUT_MS = 2 ** 31 - 1
  */
 export default async function statusStreamRoutes (app: FastifyInstance, { config }: StatusStreamRoutesOptions): Promise<void> {
   // fastify-sse-v2 4.2.2 fits here, and only here, because what we send
-  // cannot reach its limits (measured in README "Choices worth knowing",
-  // `npm run bench:sse-v2`, bench/sse-v2.ts):
+  // cannot reach its limits (README "Choices worth knowing"):
   // - it drops an event whose data is empty (`if (chunk.data)`), and splits
   //   data on LF only, so a lone CR is written raw and the browser reads it
-  //   as a line end: a payload "ok\rid: 999" injects an id (its open issue
-  //   #110). Every event here is a JSON object from JSON.stringify: never
-  //   empty, and JSON escapes CR and LF inside strings, so there are none.
+  //   as a line end: a payload "ok\rid: 999" injects an id (its open
+  //   security issue #110). Every event here is a JSON object from
+  //   JSON.stringify: never empty, and JSON escapes CR and LF inside
+  //   strings, so it holds no raw line break.
   // - it buffers without bound behind a stalled client: a stream here waits
   //   for the next sample instead of queueing them (StatusSampler.next), so
   //   at most one sample is ever pending for a dashboard.
-  // - it costs 8.8 to 9.4 times our writer's CPU per delivery (1,000
-  //   clients × 200 events) and ~7.5 KB of heap per stream: nothing at one
-  //   event a second to a handful of operators, too much for /events.
+  // - it costs 5.5 to 8.0 times our writer's CPU per delivery (an earlier
+  //   session measured 8.8 to 9.4) and ~7.5 KB more heap per stream
+  //   (`node --import tsx bench/sse-v2.ts`: 1,000 clients × 200 events over
+  //   loopback): nothing at one event a second to a few operators, too much
+  //   for /events.
   await app.register(FastifySSEPlugin, { retryDelay: config.RETRY_MS })
 
   const sampler = new StatusSampler(app, config.PG_POOL_SIZE)
