@@ -68,6 +68,8 @@ function showSample (sample) {
 }
 
 function addPoint (point) {
+  // The sample that opened the stream may be in its history too.
+  if (points.length > 0 && point.at <= points.at(-1).at) return
   points.push(point)
   const oldest = point.at - WINDOW_MS
   while (points.length > 0 && points[0].at < oldest) points.shift()
