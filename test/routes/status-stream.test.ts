@@ -106,6 +106,28 @@ t.test('the status stream needs an operator: a header token, or a single-use ope
   await errorBody(t, await fetch(statusUrl(gateway, `?access_token=${forChannels}`)), 403)
 })
 
+t.test('at most 32 status streams are open at once, and a closed one frees its place', async (t) => {
+  const gateway = await startGateway(t)
+  const headers = operator(gateway)
+  const dashboards = await Promise.all(Array.from({ length: 32 }, async () => await openStream(t, statusUrl(gateway), headers)))
+  t.ok(dashboards.every((d) => d.response.status === 200), '32 open')
+  const refused = await errorBody(t, await fetch(statusUrl(gateway), { headers }), 503)
+  t.match(refused.message, /at most 32/)
+  dashboards[0]?.close()
+  // The server learns of the close when the socket does: ask until it has.
+  let tries = 0
+  const reopened = await within((async () => {
+    for (;;) {
+      const res = await fetch(statusUrl(gateway), { headers })
+      tries++
+      if (res.status === 200) return res
+      await res.body?.cancel()
+    }
+  })(), 'a place freed')
+  t.teardown(() => reopened.body?.cancel())
+  t.equal(reopened.status, 200, `after ${tries} tries`)
+})
+
 t.test('a status stream ends when the operator token expires', async (t) => {
   const gateway = await startGateway(t)
   const headers = { authorization: `Bearer ${gateway.token({ admin: true }, { expiresIn: 2 })}` }
