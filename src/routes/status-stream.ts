@@ -267,6 +267,12 @@ export default async function statusStreamRoutes (app: FastifyInstance, { config
   app.get('/status/stream', { ...API_ROUTE }, async (request, reply) => {
     const grant = await authorizeStream(app, request)
     if (open.size >= MAX_STATUS_STREAMS) throw new UnavailableError(`at most ${MAX_STATUS_STREAMS} status streams may be open at once`)
+    // A client gone while its ticket was checked: its 'close' has passed,
+    // and a stream set up now would never be released.
+    if (reply.raw.destroyed) {
+      reply.hijack()
+      return reply
+    }
 
     const controller = new AbortController()
     open.add(controller)
