@@ -227,9 +227,11 @@ export default async function statusStreamRoutes (app: FastifyInstance, { config
   //   security issue #110). Every event here is a JSON object from
   //   JSON.stringify: never empty, and JSON escapes CR and LF inside
   //   strings, so it holds no raw line break.
-  // - it buffers without bound behind a stalled client: a stream here waits
-  //   for the next sample instead of queueing them (StatusSampler.next), so
-  //   at most one sample is ever pending for a dashboard.
+  // - it buffers without bound behind a stalled client when events are
+  //   pushed to it: here it pulls them, and each pull waits for the next
+  //   sample (StatusSampler.next) instead of a queue, so what waits for a
+  //   stalled dashboard is its read buffer (highWaterMark, 16 KB) and the
+  //   response's, however long the stall.
   // - it costs 5.5 to 8.0 times our writer's CPU per delivery (an earlier
   //   session measured 8.8 to 9.4) and ~7.5 KB more heap per stream
   //   (`node --import tsx bench/sse-v2.ts`: 1,000 clients × 200 events over
