@@ -16,6 +16,7 @@ import channelsRoutes from './routes/channels.js'
 import eventsRoutes from './routes/events.js'
 import healthRoutes from './routes/health.js'
 import statusRoutes from './routes/status.js'
+import statusStreamRoutes from './routes/status-stream.js'
 import ticketsRoutes from './routes/tickets.js'
 
 /** The configuration build() needs: a database and a secret are settled. */
@@ -247,6 +248,7 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
   await app.register(eventsRoutes, { config })
   await app.register(channelsRoutes, { config })
   await app.register(statusRoutes, { config })
+  await app.register(statusStreamRoutes, { config })
   await app.register(ticketsRoutes, { config })
   return app
 }

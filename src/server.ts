@@ -45,7 +45,13 @@ async function main (): Promise<void> {
     say(`Demo page:  ${address}/?channel=demo&access_token=${demoToken}`)
     say(`Subscribe:  curl -N '${address}/events?channel=demo&access_token=${demoToken}'`)
     say(`Publish:    curl -X POST -H 'Authorization: Bearer ${demoToken}' -H 'Content-Type: application/json' -d '{"hello":"world"}' ${address}/channels/demo`)
+    // The operator token rides in the fragment, which the browser never
+    // sends; the page drops it and opens its stream with a ticket.
+    const operatorToken = app.jwt.sign({ sub: 'operator', admin: true }, { expiresIn: '12h' })
+    say(`Dashboard:  ${address}/status.html#access_token=${operatorToken}`)
     say('')
+  } else {
+    say(`Dashboard:  ${address}/status.html (with an operator token: npm run -s token -- --admin)`)
   }
 }
 

@@ -54,6 +54,16 @@ t.test('with no DATABASE_URL and no JWT_SECRET it runs an embedded PostgreSQL an
   const [event] = await stream.take(1)
   t.same(event, { id: (await published.json()).id, event: 'demo', data: '{"hello":"world"}' })
 
+  // The operator view: its token in the fragment, traded for a ticket as the page does.
+  const [, dashboardUrl] = await waitForOutput(server.output, server.exited, /Dashboard: +(\S+)\n/) as [string, string]
+  const dashboard = new URL(dashboardUrl)
+  t.equal((await fetch(dashboard)).status, 200, 'the dashboard link opens the dashboard')
+  const operatorToken = new URLSearchParams(dashboard.hash.slice(1)).get('access_token')
+  const issued = await fetch(`${dashboard.origin}/status/tickets`, { method: 'POST', headers: { authorization: `Bearer ${operatorToken}` } })
+  t.equal(issued.status, 201, 'the token of the link is an operator token')
+  const status = await openStream(t, `${dashboard.origin}/status/stream?access_token=${(await issued.json()).ticket}`)
+  t.equal(status.response.status, 200)
+
   server.child.kill('SIGTERM')
   t.equal(await server.exited, 0, 'SIGTERM stops it cleanly, streams open and all')
   await stream.done

@@ -16,7 +16,7 @@ export interface StatusRoutesOptions {
  * Authorization header: channel names, and how many streams, channels and
  * events there are, say more than a client should learn.
  */
-async function authorizeOperator (request: FastifyRequest): Promise<void> {
+export async function authorizeOperator (request: FastifyRequest): Promise<void> {
   let claims: GatewayClaims
   try {
     claims = await request.jwtVerify<GatewayClaims>()

@@ -51,6 +51,21 @@ t.test('payloads arrive exactly through POST and the stream', async (t) => {
   })
 })
 
+// A lone CR ends a line for the browser. fastify-sse-v2 4.2.2 writes it raw
+// inside a data field, so "ok\rid: 999" sets the event's id (its issue #110):
+// here each CR becomes its own data line and nothing else.
+t.test('a lone CR in a payload never injects a field: each event arrives with the id it was published with', async (t) => {
+  const gateway = await startGateway(t)
+  const stream = await openStream(t, streamUrl(gateway.baseUrl, ['cr']), subscriber(gateway))
+  const cases = [['ok\rid: 999', 'ok\nid: 999'], ['one\r\rtwo', 'one\n\ntwo'], ['end\r', 'end\n']] as const
+  const ids: string[] = []
+  for (const [payload] of cases) ids.push(await published(gateway, 'cr', payload))
+  await published(gateway, 'cr', 'sentinel')
+  await waitForData(stream, 'sentinel')
+  t.same(stream.events.slice(0, -1), cases.map(([, expected], i) => ({ id: ids[i], event: 'cr', data: expected })), 'exact data, the published id, the channel as event')
+  t.same(stream.control.map((e) => e.event), ['gateway/open'], 'no other event')
+})
+
 t.test('a stream on several channels gets each event named by its channel', async (t) => {
   const gateway = await startGateway(t)
   const stream = await openStream(t, streamUrl(gateway.baseUrl, ['a', 'b.c', 'Orders']), subscriber(gateway))
