@@ -471,6 +471,12 @@ t.test('an address that keeps failing is refused before its attempts cost anythi
   await errorBody(t, await fetch(`${gateway.baseUrl}/status`, { headers: { authorization: forged, ...from('10.9.9.11') } }), 401)
   await errorBody(t, await fetch(`${gateway.baseUrl}/metrics`, { headers: { authorization: forged, ...from('10.9.9.11') } }), 401)
   await errorBody(t, await fetch(`${gateway.baseUrl}/status`, { headers: { authorization: `Bearer ${gateway.token({ admin: true })}`, ...from('10.9.9.11') } }), 429)
+
+  // The operator's status stream and its tickets too.
+  for (let i = 0; i < 5; i++) {
+    await errorBody(t, await fetch(`${gateway.baseUrl}/status/stream?access_token=tkt_${randomBytes(32).toString('base64url')}`, { headers: from('10.9.9.12') }), 401)
+  }
+  await errorBody(t, await fetch(`${gateway.baseUrl}/status/tickets`, { method: 'POST', headers: { authorization: `Bearer ${gateway.token({ admin: true })}`, ...from('10.9.9.12') } }), 429)
   await stillServing(t, gateway)
 })
 

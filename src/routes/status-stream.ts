@@ -253,7 +253,8 @@ export default async function statusStreamRoutes (app: FastifyInstance, { config
     helmet: API_ROUTE.helmet,
     onRequest: [API_ROUTE.onRequest, app.ticketRateLimit]
   }, async (request, reply) => {
-    await authorizeOperator(request)
+    // Failed attempts count against the address, as on every other route.
+    await app.attemptAuthentication(request, async () => { await authorizeOperator(request) })
     const { sub, exp } = request.user
     let ticket: string
     try {
@@ -267,7 +268,7 @@ export default async function statusStreamRoutes (app: FastifyInstance, { config
   })
 
   app.get('/status/stream', { ...API_ROUTE }, async (request, reply) => {
-    const grant = await authorizeStream(app, request)
+    const grant = await app.attemptAuthentication(request, async () => await authorizeStream(app, request))
     if (open.size >= MAX_STATUS_STREAMS) throw new UnavailableError(`at most ${MAX_STATUS_STREAMS} status streams may be open at once`)
     // A client gone while its ticket was checked: its 'close' has passed,
     // and a stream set up now would never be released.
