@@ -1,13 +1,14 @@
 import type { OutgoingHttpHeaders } from 'node:http'
+import type { Socket } from 'node:net'
 import { Type, type TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
-import type { FastifyInstance } from 'fastify'
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { GatewayConfig } from '../config.js'
-import { BadRequestError, UnavailableError } from '../errors.js'
+import { BadRequestError, OverloadedError, UnavailableError } from '../errors.js'
 import { EVENT_STREAM_HEADERS, EventStream, GATEWAY_EVENTS } from '../event-stream.js'
 import { type LogBounds, readLogBounds, readReplayPage } from '../event-log.js'
 import { encodeEvent, encodeRetry } from '../sse.js'
 import { checkChannelNames, publishAll, toPayload, utf8BodyParser } from './publishing.js'
-import { API_ROUTE } from '../plugins/security.js'
+import { API_ROUTE, API_SECURITY_HEADERS } from '../plugins/security.js'
 
 export interface EventsRoutesOptions {
   config: GatewayConfig
@@ -125,6 +126,52 @@ class ExpiryTimers {
   }
 }
 
+const LISTENER_DOWN = 'the gateway cannot listen to the database right now; retry shortly'
+
+/**
+ * The `retry:` a stream advises, drawn from [ms, 2 × ms): after a restart
+ * its clients come back spread over that span instead of in one burst.
+ */
+export function jittered (ms: number, random: () => number = Math.random): number {
+  return Math.floor(ms * (1 + random()))
+}
+
+/** The event that tells an EventSource why its stream ended at once, and when to come back. */
+export const UNAVAILABLE_EVENT = 'gateway/unavailable'
+
+/**
+ * Answers a stream request that cannot be served now but may be soon (the
+ * gateway is full, overloaded, or cannot reach the database; the address
+ * has its share of streams): every status but 200 makes an EventSource give
+ * up for good, so a client that accepts `text/event-stream` gets a 200
+ * stream that advises `retry:` (twice a stream's, jittered), says why in a
+ * `gateway/unavailable` event without an `id:` (the client keeps its place)
+ * and ends; EventSource reconnects after the advised delay. Other clients
+ * (curl, fetch without that Accept) get the error itself, 429 or 503. Both
+ * carry `Retry-After` in seconds. A refusal that will not change (400, 401,
+ * 403) is thrown as it is.
+ */
+function retryLater (request: FastifyRequest, reply: FastifyReply, err: FastifyError, retryMs: number): FastifyReply {
+  const statusCode = err.statusCode ?? 500
+  if (statusCode < 500 && statusCode !== 429) throw err
+  const retry = jittered(2 * retryMs)
+  reply.header('retry-after', Math.max(1, Math.ceil(retry / 1000)))
+  if (request.headers.accept?.includes('text/event-stream') !== true) throw err
+  // A failure we did not name may carry internals: it is logged, not told.
+  const named = err.code?.startsWith('GW_') === true
+  if (!named) request.log.error({ err }, 'stream set-up failed')
+  else request.log.warn({ code: err.code, message: err.message }, 'stream refused for now')
+  return reply.code(200).headers({
+    // A refusal from a global hook (overloaded) comes before the route's own hook.
+    ...API_SECURITY_HEADERS,
+    'content-type': EVENT_STREAM_HEADERS['content-type'],
+    'cache-control': 'no-cache'
+  }).send(encodeRetry(retry) + encodeEvent({
+    event: UNAVAILABLE_EVENT,
+    data: JSON.stringify({ status: statusCode, reason: named ? err.message : 'Internal Server Error', retry })
+  }))
+}
+
 const BatchBody = Type.Object({
   events: Type.Array(Type.Object({
     channel: Type.String(),
@@ -135,6 +182,8 @@ const BatchBody = Type.Object({
 export default async function eventsRoutes (app: FastifyInstance, { config }: EventsRoutesOptions): Promise<void> {
   const routes = app.withTypeProvider<TypeBoxTypeProvider>()
   const expiries = new ExpiryTimers()
+  // Connections whose current request is a stream's, being set up or live.
+  const streamConnections = new WeakSet<Socket>()
   // A batch is UTF-8 JSON: invalid bytes are refused, not replaced by U+FFFD;
   // then Fastify's parser (which refuses __proto__ and constructor keys).
   const parseJson = app.getDefaultJsonParser('error', 'error')
@@ -145,8 +194,30 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
   routes.get('/events', {
     schema: { querystring: StreamQuery },
     exposeHeadRoute: false,
+    // Shed under load like every route, but in words EventSource retries.
+    config: {
+      pressureHandler: async (request, reply) => {
+        retryLater(request, reply, new OverloadedError(), config.RETRY_MS)
+      }
+    },
     ...API_ROUTE
   }, async (request, reply) => {
+    // A stream response never ends, so a request queued behind another
+    // response on its connection (HTTP/1.1 pipelining) would wait for it,
+    // holding whatever it took: it takes nothing. Behind a stream it would
+    // wait for ever, and the connection is closed (Node would otherwise
+    // queue every request pipelined behind the stream, and stop reading the
+    // socket once their answers pile up, and so miss the client leaving);
+    // behind any other answer it is refused, and the refusal goes out after
+    // that answer.
+    const connection = request.raw.socket
+    if (reply.raw.socket === null) {
+      if (!streamConnections.has(connection)) {
+        throw new BadRequestError('a stream must be the only request in flight on its connection: open it on a connection of its own')
+      }
+      connection.destroy()
+      return reply.hijack()
+    }
     const channels = [...new Set(request.query.channel)]
     if (channels.length > config.MAX_CHANNELS_PER_STREAM) {
       throw new BadRequestError(`a stream may have at most ${config.MAX_CHANNELS_PER_STREAM} channels`)
@@ -155,37 +226,70 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
     // EventSource sends the header on reconnect; the query parameter serves
     // a first connection from a client that kept its place.
     const resumeFrom = parseEventId(request.headers['last-event-id'] ?? request.query.lastEventId)
-    // Counted before the token is checked (a ticket is spent by the check);
-    // released when the response closes, however the request ends.
-    const releaseSlot = app.streamLimits.acquire(request.ip)
-    reply.raw.on('close', releaseSlot)
-    const claims = await app.authorize(request, 'subscribe', channels)
+    // The client left before its request got here: nothing to take.
+    if (reply.raw.destroyed) return reply.hijack()
 
-    const stream = new EventStream(reply.raw, {
-      maxBufferedBytes: config.STREAM_BUFFER_BYTES,
-      tally: app.metrics.streamTally,
-      onCutOff: (droppedFrames) => {
-        app.metrics.streamsCutOff.inc()
-        app.metrics.framesDropped.inc(droppedFrames)
-        request.log.warn({ channels }, 'stream cut off: the client is not reading')
+    // Everything the stream takes is given back by one function, once, when
+    // its response closes (the client went away, or the answer was sent),
+    // whatever point the set-up had reached: what is taken after the close
+    // is given back at once.
+    let closed = false
+    let releaseSlot: (() => void) | undefined
+    let unsubscribe: (() => void) | undefined
+    // The live stream and its token's expiry, once it is open.
+    const live: { stream?: EventStream, exp?: number } = {}
+    streamConnections.add(connection)
+    const release = (): void => {
+      closed = true
+      streamConnections.delete(connection)
+      releaseSlot?.()
+      unsubscribe?.()
+      if (live.stream !== undefined) {
+        if (live.exp !== undefined) expiries.delete(live.stream, live.exp)
+        app.streams.delete(live.stream)
       }
-    })
-    let unsubscribe: () => void
+    }
+    reply.raw.once('close', release)
+
+    let claims: Awaited<ReturnType<typeof app.authorize>>
+    let stream: EventStream
     let bounds: LogBounds
     try {
-      unsubscribe = await app.hub.subscribe(channels, stream)
-    } catch {
-      throw new UnavailableError('the gateway cannot listen to the database right now; retry shortly')
+      // Counted before the token is checked (a ticket is spent by the check).
+      releaseSlot = app.streamLimits.acquire(request.ip)
+      // Checked before the token too, so that a ticket is not spent on a
+      // stream that cannot be opened now.
+      if (app.listener.state === 'disconnected' || app.listener.state === 'closed') throw new UnavailableError(LISTENER_DOWN)
+      claims = await app.authorize(request, 'subscribe', channels)
+      stream = new EventStream(reply.raw, {
+        maxBufferedBytes: config.STREAM_BUFFER_BYTES,
+        tally: app.metrics.streamTally,
+        onCutOff: (droppedFrames) => {
+          app.metrics.streamsCutOff.inc()
+          app.metrics.framesDropped.inc(droppedFrames)
+          request.log.warn({ channels }, 'stream cut off: the client is not reading')
+        }
+      })
+      try {
+        unsubscribe = await app.hub.subscribe(channels, stream)
+      } catch {
+        throw new UnavailableError(LISTENER_DOWN)
+      }
+      if (closed) {
+        unsubscribe()
+        return reply.hijack()
+      }
+      try {
+        // Read after the LISTENs took effect: whatever commits later arrives live.
+        bounds = await readLogBounds(app.pg.pool)
+      } catch {
+        throw new UnavailableError('the event log cannot be read right now; retry shortly')
+      }
+    } catch (err) {
+      return retryLater(request, reply, err as FastifyError, config.RETRY_MS)
     }
-    try {
-      // Read after the LISTENs took effect: whatever commits later arrives live.
-      bounds = await readLogBounds(app.pg.pool)
-    } catch {
-      unsubscribe()
-      throw new UnavailableError('the event log cannot be read right now; retry shortly')
-    }
-    if (request.raw.destroyed || reply.raw.destroyed) {
-      unsubscribe()
+    if (closed || reply.raw.destroyed) {
+      release()
       return reply.hijack()
     }
 
@@ -194,14 +298,11 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
     // The stream begins only now, with its channels LISTENed: an event
     // committed after the client sees the response is never missed.
     reply.hijack()
-    app.streams.add(stream)
     const exp = claims?.exp
-    reply.raw.on('close', () => {
-      if (exp !== undefined) expiries.delete(stream, exp)
-      unsubscribe()
-      app.streams.delete(stream)
-    })
-    let preamble = encodeRetry(config.RETRY_MS) + encodeEvent({
+    live.stream = stream
+    live.exp = exp
+    app.streams.add(stream)
+    let preamble = encodeRetry(jittered(config.RETRY_MS)) + encodeEvent({
       id: String(start.after),
       event: GATEWAY_EVENTS.open,
       data: JSON.stringify({ lastEventId: String(start.after), head: String(bounds.head) })
