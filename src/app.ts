@@ -39,6 +39,9 @@ const POOL_CONNECTION_TIMEOUT_MS = 5000
 // pruning lift it for themselves.
 const POOL_STATEMENT_TIMEOUT_MS = 10_000
 
+// Node's default bound on receiving a request's headers.
+const HEADERS_TIMEOUT_MS = 60_000
+
 const PUBLIC_DIR = fileURLToPath(new URL('../public/', import.meta.url))
 
 /** Hides the token a URL may carry (EventSource sends it as ?access_token=). */
@@ -67,7 +70,18 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
   const app = Fastify({
     logger,
     // Node answers a larger request line plus headers with a JSON 431.
-    http: { maxHeaderSize: config.MAX_HEADER_BYTES },
+    // A request not received whole within REQUEST_TIMEOUT_MS (a body sent a
+    // byte at a time) is answered 408 and its connection closed; Node checks
+    // every connectionsCheckingInterval, so a request may take up to a
+    // quarter more. Streams are responses: their requests are whole at once.
+    http: {
+      maxHeaderSize: config.MAX_HEADER_BYTES,
+      requestTimeout: config.REQUEST_TIMEOUT_MS,
+      headersTimeout: Math.min(HEADERS_TIMEOUT_MS, config.REQUEST_TIMEOUT_MS),
+      connectionsCheckingInterval: Math.min(HEADERS_TIMEOUT_MS, Math.ceil(config.REQUEST_TIMEOUT_MS / 4))
+    },
+    // Fastify sets the server's own (0: none by default) over Node's.
+    requestTimeout: config.REQUEST_TIMEOUT_MS,
     // Behind a proxy, request.ip (rate and stream limits, logs) is the client's only when trusted.
     trustProxy: config.trustProxy
   })
