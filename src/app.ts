@@ -13,7 +13,7 @@ import metricsPlugin from './plugins/metrics.js'
 import publisherPlugin from './plugins/publisher.js'
 import securityPlugin, { API_SECURITY_HEADERS } from './plugins/security.js'
 import channelsRoutes from './routes/channels.js'
-import eventsRoutes from './routes/events.js'
+import eventsRoutes, { guardStreamConnections } from './routes/events.js'
 import healthRoutes from './routes/health.js'
 import statusRoutes from './routes/status.js'
 import ticketsRoutes from './routes/tickets.js'
@@ -85,6 +85,9 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
     // Behind a proxy, request.ip (rate and stream limits, logs) is the client's only when trusted.
     trustProxy: config.trustProxy
   })
+
+  // The first onRequest hook: it must run as each request arrives.
+  guardStreamConnections(app)
 
   app.setErrorHandler<FastifyError>((err, request, reply) => {
     const statusCode = err.statusCode !== undefined && err.statusCode >= 400 ? err.statusCode : 500

@@ -93,3 +93,24 @@ t.test('a client that leaves during set-up leaves nothing behind', async (t) => 
   await nothingHeld(gateway)
   await stillServing(t, gateway)
 })
+
+t.test('any request sent behind a live stream closes the connection, so that the client leaving is seen', async (t) => {
+  const gateway = await startGateway(t)
+  const { authorization } = subscriber(gateway)
+  for (const together of [false, true]) {
+    const { socket, received, closed } = await rawSocket(t, gateway)
+    // Answers queued behind a stream pile up, and Node stops reading a
+    // connection whose queued answers pass 16 KiB: it would not see the
+    // client leave until a heartbeat failed.
+    const behind = 'GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n'.repeat(200)
+    if (together) {
+      socket.write(streamRequest('behind.all', authorization) + behind)
+    } else {
+      socket.write(streamRequest('behind.all', authorization))
+      await waitFor(() => received().includes('gateway/open'), 'the stream to open')
+      socket.write(behind)
+    }
+    await closed
+    await nothingHeld(gateway)
+  }
+})

@@ -1,4 +1,4 @@
-import type { OutgoingHttpHeaders } from 'node:http'
+import type { IncomingMessage, OutgoingHttpHeaders } from 'node:http'
 import type { Socket } from 'node:net'
 import { Type, type TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
@@ -172,6 +172,42 @@ function retryLater (request: FastifyRequest, reply: FastifyReply, err: FastifyE
   }))
 }
 
+// Connections whose current request is a stream's (being set up, or live),
+// with that request.
+const streamConnections = new WeakMap<Socket, IncomingMessage>()
+
+function unmarkStreamConnection (request: IncomingMessage): void {
+  if (streamConnections.get(request.socket) === request) streamConnections.delete(request.socket)
+}
+
+/**
+ * Closes a connection on which a request arrives behind a stream's. A
+ * stream response never ends, so nothing behind it can be answered; yet
+ * Node would run each such request and queue its answer, and once the
+ * queued answers pass 16 KiB stop reading the socket, so that the client
+ * leaving goes unseen (and the stream holds its slot and LISTENs) until a
+ * heartbeat fails. Must be the app's first onRequest hook: requests
+ * pipelined in one packet all arrive in the same turn, and only the first
+ * hook of each runs before the next request arrives.
+ */
+export function guardStreamConnections (app: FastifyInstance): void {
+  app.addHook('onRequest', (request, reply, done) => {
+    const connection = request.raw.socket
+    if (streamConnections.has(connection)) {
+      connection.destroy()
+      reply.hijack()
+    } else if (request.method === 'GET' && request.routeOptions.url === '/events' && reply.raw.socket !== null) {
+      streamConnections.set(connection, request.raw)
+    }
+    done()
+  })
+  // A stream request answered without a stream (refused, told to retry) frees its connection.
+  app.addHook('onResponse', (request, _reply, done) => {
+    unmarkStreamConnection(request.raw)
+    done()
+  })
+}
+
 const BatchBody = Type.Object({
   events: Type.Array(Type.Object({
     channel: Type.String(),
@@ -182,8 +218,6 @@ const BatchBody = Type.Object({
 export default async function eventsRoutes (app: FastifyInstance, { config }: EventsRoutesOptions): Promise<void> {
   const routes = app.withTypeProvider<TypeBoxTypeProvider>()
   const expiries = new ExpiryTimers()
-  // Connections whose current request is a stream's, being set up or live.
-  const streamConnections = new WeakSet<Socket>()
   // A batch is UTF-8 JSON: invalid bytes are refused, not replaced by U+FFFD;
   // then Fastify's parser (which refuses __proto__ and constructor keys).
   const parseJson = app.getDefaultJsonParser('error', 'error')
@@ -204,12 +238,9 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
   }, async (request, reply) => {
     // A stream response never ends, so a request queued behind another
     // response on its connection (HTTP/1.1 pipelining) would wait for it,
-    // holding whatever it took: it takes nothing. Behind a stream it would
-    // wait for ever, and the connection is closed (Node would otherwise
-    // queue every request pipelined behind the stream, and stop reading the
-    // socket once their answers pile up, and so miss the client leaving);
-    // behind any other answer it is refused, and the refusal goes out after
-    // that answer.
+    // holding whatever it took: it takes nothing. Behind a stream its
+    // connection is closed (by guardStreamConnections, or here); behind any
+    // other answer it is refused, and the refusal goes out after that answer.
     const connection = request.raw.socket
     if (reply.raw.socket === null) {
       if (!streamConnections.has(connection)) {
@@ -238,10 +269,9 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
     let unsubscribe: (() => void) | undefined
     // The live stream and its token's expiry, once it is open.
     const live: { stream?: EventStream, exp?: number } = {}
-    streamConnections.add(connection)
     const release = (): void => {
       closed = true
-      streamConnections.delete(connection)
+      unmarkStreamConnection(request.raw)
       releaseSlot?.()
       unsubscribe?.()
       if (live.stream !== undefined) {
