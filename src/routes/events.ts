@@ -236,18 +236,12 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
     },
     ...API_ROUTE
   }, async (request, reply) => {
-    // A stream response never ends, so a request queued behind another
-    // response on its connection (HTTP/1.1 pipelining) would wait for it,
-    // holding whatever it took: it takes nothing. Behind a stream its
-    // connection is closed (by guardStreamConnections, or here); behind any
-    // other answer it is refused, and the refusal goes out after that answer.
-    const connection = request.raw.socket
+    // A request queued behind another answer on its connection (HTTP/1.1
+    // pipelining) would wait for it, holding whatever it took: it takes
+    // nothing, and is refused after that answer. (Behind a stream, which
+    // never ends, guardStreamConnections has closed the connection.)
     if (reply.raw.socket === null) {
-      if (!streamConnections.has(connection)) {
-        throw new BadRequestError('a stream must be the only request in flight on its connection: open it on a connection of its own')
-      }
-      connection.destroy()
-      return reply.hijack()
+      throw new BadRequestError('a stream must be the only request in flight on its connection: open it on a connection of its own')
     }
     const channels = [...new Set(request.query.channel)]
     if (channels.length > config.MAX_CHANNELS_PER_STREAM) {
