@@ -254,30 +254,28 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
     // The client left before its request got here: nothing to take.
     if (reply.raw.destroyed) return reply.hijack()
 
-    // Everything the stream takes is given back by one function, once, when
-    // its response closes (the client went away, or the answer was sent),
-    // whatever point the set-up had reached: what is taken after the close
-    // is given back at once.
+    // Everything the stream takes is given back when its response closes
+    // (the client went away, or the answer was sent), whatever point the
+    // set-up had reached; the set-up stops at the next step once it has.
     let closed = false
     let releaseSlot: (() => void) | undefined
     let unsubscribe: (() => void) | undefined
-    // The live stream and its token's expiry, once it is open.
-    const live: { stream?: EventStream, exp?: number } = {}
-    const release = (): void => {
+    let claims: Awaited<ReturnType<typeof app.authorize>>
+    let stream: EventStream | undefined
+    let bounds: LogBounds
+    // Idempotent, so `on` rather than `once`, whose wrapper every stream would keep.
+    reply.raw.on('close', () => {
       closed = true
       unmarkStreamConnection(request.raw)
       releaseSlot?.()
       unsubscribe?.()
-      if (live.stream !== undefined) {
-        if (live.exp !== undefined) expiries.delete(live.stream, live.exp)
-        app.streams.delete(live.stream)
+      if (stream !== undefined) {
+        // Both are no-ops for a stream that never went live.
+        if (claims?.exp !== undefined) expiries.delete(stream, claims.exp)
+        app.streams.delete(stream)
       }
-    }
-    reply.raw.once('close', release)
+    })
 
-    let claims: Awaited<ReturnType<typeof app.authorize>>
-    let stream: EventStream
-    let bounds: LogBounds
     try {
       // Counted before the token is checked (a ticket is spent by the check).
       releaseSlot = app.streamLimits.acquire(request.ip)
@@ -285,6 +283,7 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
       // stream that cannot be opened now.
       if (app.listener.state === 'disconnected' || app.listener.state === 'closed') throw new UnavailableError(LISTENER_DOWN)
       claims = await app.authorize(request, 'subscribe', channels)
+      if (closed) return reply.hijack()
       stream = new EventStream(reply.raw, {
         maxBufferedBytes: config.STREAM_BUFFER_BYTES,
         tally: app.metrics.streamTally,
@@ -312,10 +311,9 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
     } catch (err) {
       return retryLater(request, reply, err as FastifyError, config.RETRY_MS)
     }
-    if (closed || reply.raw.destroyed) {
-      release()
-      return reply.hijack()
-    }
+    // The response was destroyed and its 'close' is still to come: that
+    // releases what was taken.
+    if (closed || reply.raw.destroyed) return reply.hijack()
 
     const start = startPosition(resumeFrom, bounds)
     stream.startAfter(start.after)
@@ -323,8 +321,6 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
     // committed after the client sees the response is never missed.
     reply.hijack()
     const exp = claims?.exp
-    live.stream = stream
-    live.exp = exp
     app.streams.add(stream)
     let preamble = encodeRetry(jittered(config.RETRY_MS)) + encodeEvent({
       id: String(start.after),
