@@ -13,7 +13,7 @@ import metricsPlugin from './plugins/metrics.js'
 import publisherPlugin from './plugins/publisher.js'
 import securityPlugin, { API_SECURITY_HEADERS } from './plugins/security.js'
 import channelsRoutes from './routes/channels.js'
-import eventsRoutes from './routes/events.js'
+import eventsRoutes, { guardStreamConnections } from './routes/events.js'
 import healthRoutes from './routes/health.js'
 import statusRoutes from './routes/status.js'
 import statusStreamRoutes from './routes/status-stream.js'
@@ -64,6 +64,9 @@ function poolTimeouts (queryTimeoutMs: number): { statementTimeoutMs: number, op
 }
 
 function ignoreClientError (): void {}
+
+// Node's default bound on receiving a request's headers.
+const HEADERS_TIMEOUT_MS = 60_000
 
 const PUBLIC_DIR = fileURLToPath(new URL('../public/', import.meta.url))
 
@@ -144,7 +147,18 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
   const app = Fastify({
     logger,
     // Node answers a larger request line plus headers with a JSON 431.
-    http: { maxHeaderSize: config.MAX_HEADER_BYTES },
+    // A request not received whole within REQUEST_TIMEOUT_MS (a body sent a
+    // byte at a time) is answered 408 and its connection closed; Node checks
+    // every connectionsCheckingInterval, so a request may take up to a
+    // quarter more. Streams are responses: their requests are whole at once.
+    http: {
+      maxHeaderSize: config.MAX_HEADER_BYTES,
+      requestTimeout: config.REQUEST_TIMEOUT_MS,
+      headersTimeout: Math.min(HEADERS_TIMEOUT_MS, config.REQUEST_TIMEOUT_MS),
+      connectionsCheckingInterval: Math.min(HEADERS_TIMEOUT_MS, Math.ceil(config.REQUEST_TIMEOUT_MS / 4))
+    },
+    // Fastify sets the server's own (0: none by default) over Node's.
+    requestTimeout: config.REQUEST_TIMEOUT_MS,
     // Behind a proxy, request.ip (rate and stream limits, logs) is the client's only when trusted.
     trustProxy: config.trustProxy,
     // A URL the router cannot decode, before any route or hook: answered
@@ -155,6 +169,9 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
       sendError(reply, err as FastifyError, statusCode)
     }
   })
+
+  // The first onRequest hook: it must run as each request arrives.
+  guardStreamConnections(app)
 
   app.setErrorHandler<FastifyError>((err, request, reply) => {
     const statusCode = err.statusCode !== undefined && err.statusCode >= 400 ? err.statusCode : 500

@@ -45,6 +45,8 @@ export const ConfigSchema = Type.Object({
   AUTH_FAILURE_WINDOW_MS: Type.Integer({ default: 60000, minimum: 1000 }),
   MAX_HEADER_BYTES: Type.Integer({ default: 16384, minimum: 1024, maximum: 1024 * 1024 }),
   MAX_URL_BYTES: Type.Integer({ default: 8192, minimum: 256, maximum: 1024 * 1024 }),
+  // The time to receive a whole request, headers and body; streams are responses and are not bound by it.
+  REQUEST_TIMEOUT_MS: Type.Integer({ default: 30000, minimum: 100 }),
   STREAM_BUFFER_BYTES: Type.Integer({ default: 1024 * 1024, minimum: 1024 }),
   PG_POOL_SIZE: Type.Integer({ default: 10, minimum: 1 }),
   // The client-side bound on every statement of the pool; the server's

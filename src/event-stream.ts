@@ -318,6 +318,11 @@ export class EventStream implements EventSink {
     this.#heldBytes = 0
     this.#pending = []
     this.#pendingBytes = 0
+    // Reset, not closed: a socket closed with unsent bytes waits in
+    // FIN-WAIT-1 for a peer that does not read, holding its send buffer
+    // (megabytes) for minutes; a reset frees it now. The response is
+    // destroyed too, so that it counts as ended at once.
+    this.#res.socket?.resetAndDestroy()
     this.#res.destroy()
     this.#options.onCutOff?.(dropped)
   }

@@ -1,3 +1,4 @@
+import { execFileSync } from 'node:child_process'
 import { once } from 'node:events'
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http'
 import { connect, type AddressInfo, type Socket } from 'node:net'
@@ -26,6 +27,8 @@ class RawClient {
   /** The last bytes received, kept even when the rest is not. */
   tail = ''
   closed = false
+  /** The error the socket ended with (ECONNRESET for a reset), if any. */
+  errorCode: string | undefined
   /** False: count the bytes, keep only the tail (a client that reads a flood). */
   keep = true
 
@@ -37,7 +40,7 @@ class RawClient {
       this.tail = (this.tail + chunk.subarray(-256).toString('latin1')).slice(-256)
     })
     socket.on('close', () => { this.closed = true })
-    socket.on('error', () => {})
+    socket.on('error', (err: NodeJS.ErrnoException) => { this.errorCode = err.code })
   }
 
   get length (): number {
@@ -113,6 +116,16 @@ async function until (condition: () => boolean, what: string): Promise<void> {
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
     await new Promise((resolve) => setTimeout(resolve, 2))
   }
+}
+
+/**
+ * The kernel's sockets from `port` to `peerPort` that still hold bytes to
+ * send, as `ss` lists them (Linux): a socket closed with unsent bytes lives
+ * on in FIN-WAIT-1 or CLOSING until the peer reads them or the kernel gives up.
+ */
+function orphans (port: number, peerPort: number): string[] {
+  const out = execFileSync('ss', ['-tnH', 'state', 'fin-wait-1', 'state', 'closing', 'state', 'last-ack', `( sport = :${port} and dport = :${peerPort} )`], { encoding: 'utf8' })
+  return out.split('\n').filter((line) => line.trim() !== '')
 }
 
 const frame = (id: number, data = `event ${id}`): Buffer => Buffer.from(encodeEvent({ id: String(id), event: 'c', data }))
@@ -229,6 +242,8 @@ t.test('a client that stops reading is cut off at the bound; the others get ever
   stalled.stream.release()
   for (const [served] of readers) served.stream.release()
   stalledClient.socket.pause()
+  const serverSocket = stalled.res.socket as Socket
+  const ports = [serverSocket.localPort as number, stalledClient.socket.localPort as number] as const
 
   const payload = 'x'.repeat(16 * 1024)
   let id = 0
@@ -255,6 +270,10 @@ t.test('a client that stops reading is cut off at the bound; the others get ever
   await turn()
   t.equal(stalled.writes.length, after, 'nothing more is written to it')
   t.equal(stalled.stream.unsentBytes, 0, 'and nothing more is kept for it')
+  // A close would leave the server's socket in FIN-WAIT-1, holding in its
+  // send buffer what the client never read; a reset frees it at once.
+  await until(() => serverSocket.closed, 'the server\'s socket to close')
+  t.same(orphans(...ports), [], 'no socket is left holding unsent bytes')
 
   const expectedEvents = id
   for (const [served, client] of readers) {

@@ -1,14 +1,15 @@
-import type { OutgoingHttpHeaders } from 'node:http'
+import type { IncomingMessage, OutgoingHttpHeaders } from 'node:http'
+import type { Socket } from 'node:net'
 import { Type, type TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
-import type { FastifyInstance } from 'fastify'
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { GatewayConfig } from '../config.js'
-import { BadRequestError, UnavailableError } from '../errors.js'
+import { BadRequestError, OverloadedError, UnavailableError } from '../errors.js'
 import { EVENT_STREAM_HEADERS, EventStream, GATEWAY_EVENTS } from '../event-stream.js'
 import { type LogBounds, readLogBounds, readReplayPage } from '../event-log.js'
 import { encodeEvent, encodeRetry } from '../sse.js'
 import { type EventId, MAX_EVENT_ID, parseEventId } from '../event-id.js'
 import { BATCH_DATA, checkChannelNames, jsonBodyParser, publishAll, toPayload, utf8BodyParser } from './publishing.js'
-import { API_ROUTE } from '../plugins/security.js'
+import { API_ROUTE, API_SECURITY_HEADERS } from '../plugins/security.js'
 
 export interface EventsRoutesOptions {
   config: GatewayConfig
@@ -129,6 +130,88 @@ class ExpiryTimers {
   }
 }
 
+const LISTENER_DOWN = 'the gateway cannot listen to the database right now; retry shortly'
+
+/**
+ * The `retry:` a stream advises, drawn from [ms, 2 × ms): after a restart
+ * its clients come back spread over that span instead of in one burst.
+ */
+export function jittered (ms: number, random: () => number = Math.random): number {
+  return Math.floor(ms * (1 + random()))
+}
+
+/** The event that tells an EventSource why its stream ended at once, and when to come back. */
+export const UNAVAILABLE_EVENT = 'gateway/unavailable'
+
+/**
+ * Answers a stream request that cannot be served now but may be soon (the
+ * gateway is full, overloaded, or cannot reach the database; the address
+ * has its share of streams): every status but 200 makes an EventSource give
+ * up for good, so a client that accepts `text/event-stream` gets a 200
+ * stream that advises `retry:` (twice a stream's, jittered), says why in a
+ * `gateway/unavailable` event without an `id:` (the client keeps its place)
+ * and ends; EventSource reconnects after the advised delay. Other clients
+ * (curl, fetch without that Accept) get the error itself, 429 or 503. Both
+ * carry `Retry-After` in seconds. A refusal that will not change (400, 401,
+ * 403) is thrown as it is.
+ */
+function retryLater (request: FastifyRequest, reply: FastifyReply, err: FastifyError, retryMs: number): FastifyReply {
+  const statusCode = err.statusCode ?? 500
+  if (statusCode < 500 && statusCode !== 429) throw err
+  const retry = jittered(2 * retryMs)
+  reply.header('retry-after', Math.max(1, Math.ceil(retry / 1000)))
+  if (request.headers.accept?.includes('text/event-stream') !== true) throw err
+  // A failure we did not name may carry internals: it is logged, not told.
+  const named = err.code?.startsWith('GW_') === true
+  if (!named) request.log.error({ err }, 'stream set-up failed')
+  else request.log.warn({ code: err.code, message: err.message }, 'stream refused for now')
+  return reply.code(200).headers({
+    // A refusal from a global hook (overloaded) comes before the route's own hook.
+    ...API_SECURITY_HEADERS,
+    'content-type': EVENT_STREAM_HEADERS['content-type'],
+    'cache-control': 'no-cache'
+  }).send(encodeRetry(retry) + encodeEvent({
+    event: UNAVAILABLE_EVENT,
+    data: JSON.stringify({ status: statusCode, reason: named ? err.message : 'Internal Server Error', retry })
+  }))
+}
+
+// Connections whose current request is a stream's (being set up, or live),
+// with that request.
+const streamConnections = new WeakMap<Socket, IncomingMessage>()
+
+function unmarkStreamConnection (request: IncomingMessage): void {
+  if (streamConnections.get(request.socket) === request) streamConnections.delete(request.socket)
+}
+
+/**
+ * Closes a connection on which a request arrives behind a stream's. A
+ * stream response never ends, so nothing behind it can be answered; yet
+ * Node would run each such request and queue its answer, and once the
+ * queued answers pass 16 KiB stop reading the socket, so that the client
+ * leaving goes unseen (and the stream holds its slot and LISTENs) until a
+ * heartbeat fails. Must be the app's first onRequest hook: requests
+ * pipelined in one packet all arrive in the same turn, and only the first
+ * hook of each runs before the next request arrives.
+ */
+export function guardStreamConnections (app: FastifyInstance): void {
+  app.addHook('onRequest', (request, reply, done) => {
+    const connection = request.raw.socket
+    if (streamConnections.has(connection)) {
+      connection.destroy()
+      reply.hijack()
+    } else if (request.method === 'GET' && request.routeOptions.url === '/events' && reply.raw.socket !== null) {
+      streamConnections.set(connection, request.raw)
+    }
+    done()
+  })
+  // A stream request answered without a stream (refused, told to retry) frees its connection.
+  app.addHook('onResponse', (request, _reply, done) => {
+    unmarkStreamConnection(request.raw)
+    done()
+  })
+}
+
 const BatchBody = Type.Object({
   events: Type.Array(Type.Object({
     channel: Type.String(),
@@ -148,8 +231,21 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
   routes.get('/events', {
     schema: { querystring: StreamQuery },
     exposeHeadRoute: false,
+    // Shed under load like every route, but in words EventSource retries.
+    config: {
+      pressureHandler: async (request, reply) => {
+        retryLater(request, reply, new OverloadedError(), config.RETRY_MS)
+      }
+    },
     ...API_ROUTE
   }, async (request, reply) => {
+    // A request queued behind another answer on its connection (HTTP/1.1
+    // pipelining) would wait for it, holding whatever it took: it takes
+    // nothing, and is refused after that answer. (Behind a stream, which
+    // never ends, guardStreamConnections has closed the connection.)
+    if (reply.raw.socket === null) {
+      throw new BadRequestError('a stream must be the only request in flight on its connection: open it on a connection of its own')
+    }
     const channels = [...new Set(request.query.channel)]
     if (channels.length > config.MAX_CHANNELS_PER_STREAM) {
       throw new BadRequestError(`a stream may have at most ${config.MAX_CHANNELS_PER_STREAM} channels`)
@@ -158,53 +254,78 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
     // EventSource sends the header on reconnect; the query parameter serves
     // a first connection from a client that kept its place.
     const resumeFrom = resumeId(request.headers['last-event-id'] ?? request.query.lastEventId)
-    // Counted before the token is checked (a ticket is spent by the check);
-    // released when the response closes, however the request ends.
-    const releaseSlot = app.streamLimits.acquire(request.ip)
-    reply.raw.on('close', releaseSlot)
-    const claims = await app.authorize(request, 'subscribe', channels)
+    // The client left before its request got here: nothing to take.
+    if (reply.raw.destroyed) return reply.hijack()
 
-    const stream = new EventStream(reply.raw, {
-      maxBufferedBytes: config.STREAM_BUFFER_BYTES,
-      tally: app.metrics.streamTally,
-      onCutOff: (droppedFrames) => {
-        app.metrics.streamsCutOff.inc()
-        app.metrics.framesDropped.inc(droppedFrames)
-        request.log.warn({ channels }, 'stream cut off: the client is not reading')
+    // Everything the stream takes is given back when its response closes
+    // (the client went away, or the answer was sent), whatever point the
+    // set-up had reached; the set-up stops at the next step once it has.
+    let closed = false
+    let releaseSlot: (() => void) | undefined
+    let unsubscribe: (() => void) | undefined
+    let claims: Awaited<ReturnType<typeof app.authorize>>
+    let stream: EventStream | undefined
+    let bounds: LogBounds
+    // Idempotent, so `on` rather than `once`, whose wrapper every stream would keep.
+    reply.raw.on('close', () => {
+      closed = true
+      unmarkStreamConnection(request.raw)
+      releaseSlot?.()
+      unsubscribe?.()
+      if (stream !== undefined) {
+        // Both are no-ops for a stream that never went live.
+        if (claims?.exp !== undefined) expiries.delete(stream, claims.exp)
+        app.streams.delete(stream)
       }
     })
-    let unsubscribe: () => void
-    let bounds: LogBounds
+
     try {
-      unsubscribe = await app.hub.subscribe(channels, stream)
-    } catch {
-      throw new UnavailableError('the gateway cannot listen to the database right now; retry shortly')
+      // Counted before the token is checked (a ticket is spent by the check).
+      releaseSlot = app.streamLimits.acquire(request.ip)
+      // Checked before the token too, so that a ticket is not spent on a
+      // stream that cannot be opened now.
+      if (app.listener.state === 'disconnected' || app.listener.state === 'closed') throw new UnavailableError(LISTENER_DOWN)
+      claims = await app.authorize(request, 'subscribe', channels)
+      if (closed) return reply.hijack()
+      stream = new EventStream(reply.raw, {
+        maxBufferedBytes: config.STREAM_BUFFER_BYTES,
+        tally: app.metrics.streamTally,
+        onCutOff: (droppedFrames) => {
+          app.metrics.streamsCutOff.inc()
+          app.metrics.framesDropped.inc(droppedFrames)
+          request.log.warn({ channels }, 'stream cut off: the client is not reading')
+        }
+      })
+      try {
+        unsubscribe = await app.hub.subscribe(channels, stream)
+      } catch {
+        throw new UnavailableError(LISTENER_DOWN)
+      }
+      if (closed) {
+        unsubscribe()
+        return reply.hijack()
+      }
+      try {
+        // Read after the LISTENs took effect: whatever commits later arrives live.
+        bounds = await readLogBounds(app.pg.pool, resumeFrom)
+      } catch {
+        throw new UnavailableError('the event log cannot be read right now; retry shortly')
+      }
+    } catch (err) {
+      return retryLater(request, reply, err as FastifyError, config.RETRY_MS)
     }
-    try {
-      // Read after the LISTENs took effect: whatever commits later arrives live.
-      bounds = await readLogBounds(app.pg.pool, resumeFrom)
-    } catch {
-      unsubscribe()
-      throw new UnavailableError('the event log cannot be read right now; retry shortly')
-    }
-    if (request.raw.destroyed || reply.raw.destroyed) {
-      unsubscribe()
-      return reply.hijack()
-    }
+    // The response was destroyed and its 'close' is still to come: that
+    // releases what was taken.
+    if (closed || reply.raw.destroyed) return reply.hijack()
 
     const start = startPosition(resumeFrom, bounds)
     stream.startAfter(start.after)
     // The stream begins only now, with its channels LISTENed: an event
     // committed after the client sees the response is never missed.
     reply.hijack()
-    app.streams.add(stream)
     const exp = claims?.exp
-    reply.raw.on('close', () => {
-      if (exp !== undefined) expiries.delete(stream, exp)
-      unsubscribe()
-      app.streams.delete(stream)
-    })
-    let preamble = encodeRetry(config.RETRY_MS) + encodeEvent({
+    app.streams.add(stream)
+    let preamble = encodeRetry(jittered(config.RETRY_MS)) + encodeEvent({
       id: String(start.after),
       event: GATEWAY_EVENTS.open,
       data: JSON.stringify({ lastEventId: String(start.after), head: String(bounds.head) })

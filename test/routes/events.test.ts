@@ -1,6 +1,6 @@
 import t from 'tap'
 import { LISTENER_APPLICATION_NAME } from '../../src/listener.js'
-import { connect, errorBody, FRAMING_CASES, openStream, published, startGateway, type StreamClient, streamUrl, subscriber, waitFor, waitForData, within } from '../helper.js'
+import { connect, errorBody, FRAMING_CASES, openStream, published, startGateway, type StreamClient, streamUrl, subscriber, type Test, waitFor, waitForData, within } from '../helper.js'
 
 async function take (stream: StreamClient, n: number): Promise<Array<{ id: string | undefined, event: string | undefined, data: string }>> {
   return await within(stream.take(n), `${n} events`)
@@ -14,7 +14,7 @@ t.test('a stream answers with SSE headers and begins with retry', async (t) => {
   t.equal(stream.response.headers.get('cache-control'), 'no-cache')
   t.equal(stream.response.headers.get('x-accel-buffering'), 'no')
   await within(stream.until(() => stream.retry !== undefined, 'retry'), 'retry')
-  t.equal(stream.retry, 1234, 'retry is RETRY_MS')
+  t.ok(stream.retry !== undefined && stream.retry >= 1234 && stream.retry < 2468, `retry (${stream.retry}) is drawn from [RETRY_MS, 2 × RETRY_MS)`)
   t.equal(stream.events.length, 0, 'retry comes before any event')
   await published(gateway, 'news', 'first')
   const [event] = await take(stream, 1)
@@ -33,8 +33,24 @@ t.test('the first bytes of the stream are the retry field', async (t) => {
     if (done) break
     text += decoder.decode(value, { stream: true })
   }
-  t.match(text, /^retry: 2500\n\n/)
+  t.match(text, /^retry: \d+\n\n/)
   reader.releaseLock()
+})
+
+t.test('each stream draws its retry afresh, so that clients do not all come back at once', async (t) => {
+  const gateway = await startGateway(t, { RETRY_MS: '1000' })
+  const retries = new Set<number>()
+  for (let i = 0; i < 8; i++) {
+    const stream = await openStream(t, streamUrl(gateway.baseUrl, ['jitter']), subscriber(gateway))
+    await within(stream.until(() => stream.retry !== undefined, 'retry'), 'retry')
+    const retry = stream.retry as number
+    t.ok(retry >= 1000 && retry < 2000, `retry ${retry} in [1000, 2000)`)
+    retries.add(retry)
+    stream.close()
+    await stream.done
+  }
+  // Eight draws from a thousand values: all alike would be a one-in-10^21 event.
+  t.ok(retries.size > 1, `several values (${[...retries].join(', ')})`)
 })
 
 t.test('payloads arrive exactly through POST and the stream', async (t) => {
@@ -314,4 +330,70 @@ t.test('app.close() ends open streams and resolves', async (t) => {
     t.ok(stream.ended, 'the client sees its stream end')
   }
   t.equal(gateway.app.streams.size, 0, 'no stream left')
+})
+
+/** Opens a stream as EventSource does (`Accept: text/event-stream`), and reads it to its end. */
+async function eventSourceAnswer (t: Test, url: string, headers: Record<string, string> = {}): Promise<StreamClient> {
+  const stream = await openStream(t, url, { ...headers, accept: 'text/event-stream' })
+  await within(stream.done, 'the answer to end')
+  return stream
+}
+
+/** Checks an answer EventSource retries: a 200 event stream that advises retry, says why, and ends. */
+function checkRetryLater (t: Test, stream: StreamClient, retryMs: number, status: number, reason: RegExp): void {
+  t.equal(stream.response.status, 200, 'a 200, which EventSource retries')
+  t.match(stream.response.headers.get('content-type'), /^text\/event-stream/)
+  const retry = stream.retry as number
+  t.ok(retry >= 2 * retryMs && retry < 4 * retryMs, `retry ${retry} is drawn from [2 × RETRY_MS, 4 × RETRY_MS)`)
+  t.equal(Number(stream.response.headers.get('retry-after')), Math.ceil(retry / 1000), 'Retry-After says the same, in seconds')
+  t.equal(stream.control.length, 1)
+  const [event] = stream.control
+  t.equal(event?.event, 'gateway/unavailable')
+  t.equal(event?.id, undefined, 'no id: the client keeps its place')
+  t.match(JSON.parse(event?.data ?? '{}'), { status, reason, retry })
+  t.equal(stream.events.length, 0)
+}
+
+t.test('a stream the gateway cannot open now is a 200 that says retry, and ends: EventSource comes back', async (t) => {
+  const gateway = await startGateway(t, { MAX_STREAMS: '1', RETRY_MS: '1000' })
+  const url = streamUrl(gateway.baseUrl, ['full'])
+  const first = await openStream(t, url, subscriber(gateway))
+  checkRetryLater(t, await eventSourceAnswer(t, url, subscriber(gateway)), 1000, 503, /as many streams as it can/)
+  const plain = await fetch(url, { headers: subscriber(gateway) })
+  t.ok(Number(plain.headers.get('retry-after')) >= 2, 'curl and fetch see Retry-After')
+  await errorBody(t, plain, 503)
+  t.equal(gateway.app.streamLimits.total, 1, 'the refusals hold no slot')
+
+  first.close()
+  await waitFor(() => gateway.app.streamLimits.total === 0, 'the slot to be free')
+  const again = await openStream(t, url, { ...subscriber(gateway), accept: 'text/event-stream' })
+  await within(again.until(() => again.control.some((e) => e.event === 'gateway/open'), 'gateway/open'), 'the stream to open')
+  t.pass('the same request, retried, opens the stream')
+})
+
+t.test('an address past MAX_STREAMS_PER_IP is told to retry too', async (t) => {
+  const gateway = await startGateway(t, { MAX_STREAMS_PER_IP: '1', RETRY_MS: '500' })
+  const url = streamUrl(gateway.baseUrl, ['per.address'])
+  await openStream(t, url, subscriber(gateway))
+  checkRetryLater(t, await eventSourceAnswer(t, url, subscriber(gateway)), 500, 429, /streams per client address/)
+  await errorBody(t, await fetch(url, { headers: subscriber(gateway) }), 429)
+})
+
+t.test('while the gateway cannot LISTEN, a stream is told to retry', async (t) => {
+  const gateway = await startGateway(t, { RETRY_MS: '500' })
+  await gateway.app.listener.close()
+  const url = streamUrl(gateway.baseUrl, ['no.listener'])
+  checkRetryLater(t, await eventSourceAnswer(t, url, subscriber(gateway)), 500, 503, /cannot listen to the database/)
+  await errorBody(t, await fetch(url, { headers: subscriber(gateway) }), 503)
+  t.equal(gateway.app.streamLimits.total, 0, 'and holds no slot')
+})
+
+t.test('a bad request or a refused token stays final for EventSource', async (t) => {
+  const gateway = await startGateway(t)
+  const accept = { accept: 'text/event-stream' }
+  await errorBody(t, await fetch(streamUrl(gateway.baseUrl, ['bad name']), { headers: { ...accept, ...subscriber(gateway) } }), 400)
+  await errorBody(t, await fetch(streamUrl(gateway.baseUrl, ['a']), { headers: accept }), 401)
+  await errorBody(t, await fetch(streamUrl(gateway.baseUrl, ['a']), { headers: { ...accept, ...subscriber(gateway, ['b']) } }), 403)
+  await errorBody(t, await fetch(streamUrl(gateway.baseUrl, ['a'], { lastEventId: 'x' }), { headers: { ...accept, ...subscriber(gateway) } }), 400)
+  t.equal(gateway.app.streamLimits.total, 0)
 })
