@@ -109,7 +109,7 @@ async function open () {
     const { lastEventId: start, head } = JSON.parse(message.data)
     streamStartView.textContent = start === head ? `· live from id ${head}` : `· resumed after id ${start}`
   })
-  for (const name of ['gateway/missed', 'gateway/gap', 'gateway/expired']) {
+  for (const name of ['gateway/missed', 'gateway/gap', 'gateway/expired', 'gateway/unavailable']) {
     source.addEventListener(name, (message) => showEvent(name, message))
   }
 }

@@ -24,6 +24,13 @@ export const GATEWAY_EVENTS = {
   missed: 'gateway/missed',
   /** The listener was disconnected: plain NOTIFYs sent meanwhile are lost (logged events are caught up, or told as missed). */
   gap: 'gateway/gap',
+  /**
+   * The stream cannot be opened now (the gateway is busy, at a limit, or
+   * cannot reach the database): the answer is a 200 that says so and ends,
+   * with a `retry:` advice, so that EventSource comes back instead of giving
+   * up. Data: `{status, reason, retry}`.
+   */
+  unavailable: 'gateway/unavailable',
   /** The stream's token expired: the stream ends, the client reconnects with a fresh one. */
   expired: 'gateway/expired'
 } as const

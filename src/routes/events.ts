@@ -140,9 +140,6 @@ export function jittered (ms: number, random: () => number = Math.random): numbe
   return Math.floor(ms * (1 + random()))
 }
 
-/** The event that tells an EventSource why its stream ended at once, and when to come back. */
-export const UNAVAILABLE_EVENT = 'gateway/unavailable'
-
 /**
  * Answers a stream request that cannot be served now but may be soon (the
  * gateway is full, overloaded, or cannot reach the database; the address
@@ -171,7 +168,7 @@ function retryLater (request: FastifyRequest, reply: FastifyReply, err: FastifyE
     'content-type': EVENT_STREAM_HEADERS['content-type'],
     'cache-control': 'no-cache'
   }).send(encodeRetry(retry) + encodeEvent({
-    event: UNAVAILABLE_EVENT,
+    event: GATEWAY_EVENTS.unavailable,
     data: JSON.stringify({ status: statusCode, reason: named ? err.message : 'Internal Server Error', retry })
   }))
 }
