@@ -10,7 +10,7 @@ import { type EmbeddedDatabase, startEmbeddedPostgres } from '../src/embedded-po
 import { FORK_ID_GAP, pruneLog } from '../src/event-log.js'
 import { type ConnectedInfo, LISTENER_APPLICATION_NAME, type ListenerConnection } from '../src/listener.js'
 import { startProxy } from './tcp-proxy.js'
-import { connect, createDatabase, eventually, openStream, published, type ReceivedEvent, readyStatus, startGateway, type StreamClient, streamUrl, subscriber, waitForData, within } from './helper.js'
+import { connect, createDatabase, eventually, openStream, published, type ReceivedEvent, readyStatus, startGateway, type StreamClient, streamUrl, subscriber, type Test, type TestGateway, waitForData, within } from './helper.js'
 
 /** Publishes with SQL on `db`, bypassing the gateway; returns the id. */
 async function publishSql (db: pg.Client, channel: string, payload: string): Promise<string> {
@@ -183,7 +183,12 @@ t.test('a half-open listener connection is noticed within the liveness timeout a
   await eventually(async () => await readyStatus(gateway) === 200, '/readyz to answer 200')
 })
 
-t.test('a listener outage longer than retention: streams are told exactly what was pruned unread, then get the rest', async (t) => {
+/**
+ * A gateway whose listener can be cut off from the database and kept off
+ * (through a proxy that goes silent on its connection and refuses new
+ * ones), with a stream open on `orders` and a direct connection `db`.
+ */
+async function partitionableGateway (t: Test): Promise<{ gateway: TestGateway, database: string, db: pg.Client, stream: StreamClient, cut (): Promise<void>, heal (): Promise<void> }> {
   const database = await createDatabase(t)
   const { proxy, url } = await startProxy(t, database)
   const gateway = await startGateway(t, {
@@ -193,31 +198,47 @@ t.test('a listener outage longer than retention: streams are told exactly what w
   }, url)
   const { listener } = gateway.app
   const db = await connect(t, database)
+  const stream = await openStream(t, streamUrl(gateway.baseUrl, ['orders']), subscriber(gateway))
+  return {
+    gateway,
+    database,
+    db,
+    stream,
+    async cut () {
+      const disconnected = nextDisconnected(listener)
+      proxy.refuseNew = true
+      proxy.freezeByUpstreamPort((await theListenerBackend(db)).clientPort)
+      await within(disconnected, 'the listener to notice the silent connection')
+    },
+    async heal () {
+      const reconnected = nextConnected(listener)
+      proxy.refuseNew = false
+      await within(reconnected, 'the listener to come back')
+    }
+  }
+}
+
+const missedData = (stream: StreamClient): unknown[] => stream.control.filter((e) => e.event === 'gateway/missed').map((e) => JSON.parse(e.data))
+
+t.test('a listener outage longer than retention: streams are told exactly what was pruned unread, then get the rest', async (t) => {
+  const { database, db, stream, cut, heal } = await partitionableGateway(t)
   const pool = new pg.Pool({ connectionString: database, max: 2 })
   t.teardown(() => pool.end())
-  const stream = await openStream(t, streamUrl(gateway.baseUrl, ['orders']), subscriber(gateway))
   const before = await publishSql(db, 'orders', 'before')
   await waitForData(stream, 'before')
 
-  // The listener goes silent and cannot come back until the log is pruned.
-  const disconnected = nextDisconnected(listener)
-  proxy.refuseNew = true
-  proxy.freezeByUpstreamPort((await theListenerBackend(db)).clientPort)
+  // The listener is away, and cannot come back until the log is pruned.
+  await cut()
   const { rows } = await db.query<{ ids: string[] }>(
     "SELECT sse_gateway.publish_batch(array_fill('orders'::text, ARRAY[30]), ARRAY(SELECT 'during ' || i FROM generate_series(0, 29) AS i))::text[] AS ids")
   const during = rows[0]?.ids ?? []
-  await within(disconnected, 'the listener to notice the silent connection')
   await pruneLog(pool, { maxAgeSeconds: 86_400, maxEvents: 5, idempotencyWindowSeconds: 60 })
   const kept = during.slice(-5)
-  const resumedAfter = String(Number(kept[0]) - 1)
-  const reconnected = nextConnected(listener)
-  proxy.refuseNew = false
-  await within(reconnected, 'the listener to come back')
+  await heal()
   await waitForData(stream, 'during 29')
 
   t.same(stream.events.map((e) => e.id), [before, ...kept], 'the events still in the log, once each, in order')
-  const missed = stream.control.filter((e) => e.event === 'gateway/missed')
-  t.same(missed.map((e) => JSON.parse(e.data)), [{ lastEventId: before, resumedAfter }], 'told once what was lost: from its last id to where the log resumes')
+  t.same(missedData(stream), [{ lastEventId: before, resumedAfter: String(Number(kept[0]) - 1) }], 'told once what was lost: from its last id to where the log resumes')
   t.notOk(stream.ended, 'the stream stayed open')
 })
 
@@ -229,28 +250,14 @@ async function loseEventsAfter (db: pg.Client, id: string): Promise<void> {
 }
 
 t.test('a log that lost events the listener delivered: streams are told, rewound, and get the reissued ids', async (t) => {
-  const database = await createDatabase(t)
-  const { proxy, url } = await startProxy(t, database)
-  const gateway = await startGateway(t, {
-    LISTENER_LIVENESS_INTERVAL_MS: '200',
-    LISTENER_LIVENESS_TIMEOUT_MS: '500',
-    LISTENER_RECONNECT_MAX_MS: '200'
-  }, url)
-  const { listener } = gateway.app
-  const db = await connect(t, database)
-  const stream = await openStream(t, streamUrl(gateway.baseUrl, ['orders']), subscriber(gateway))
+  const { gateway, db, stream, cut, heal } = await partitionableGateway(t)
   const kept = await publishSql(db, 'orders', 'kept')
   const lost = [await publishSql(db, 'orders', 'lost 1'), await publishSql(db, 'orders', 'lost 2')]
   await waitForData(stream, 'lost 2')
 
-  const disconnected = nextDisconnected(listener)
-  proxy.refuseNew = true
-  proxy.freezeByUpstreamPort((await theListenerBackend(db)).clientPort)
-  await within(disconnected, 'the listener to notice the silent connection')
+  await cut()
   await loseEventsAfter(db, kept)
-  const reconnected = nextConnected(listener)
-  proxy.refuseNew = false
-  await within(reconnected, 'the listener to come back')
+  await heal()
   // Published after the listener is back: the same ids again.
   const reissued = [await publishSql(db, 'orders', 'new 1'), await publishSql(db, 'orders', 'new 2')]
   t.same(reissued, lost, 'the log drew the lost ids again')
@@ -258,30 +265,17 @@ t.test('a log that lost events the listener delivered: streams are told, rewound
 
   t.same(stream.events.map((e) => [e.id, e.data]), [[kept, 'kept'], [lost[0], 'lost 1'], [lost[1], 'lost 2'], [reissued[0], 'new 1'], [reissued[1], 'new 2']],
     'the new events reach the stream, though their ids were carried before')
-  const missed = stream.control.filter((e) => e.event === 'gateway/missed')
-  t.same(missed.map((e) => JSON.parse(e.data)), [{ lastEventId: lost[1], resumedAfter: kept }], 'told that the log went back to the last event it kept')
-  t.equal(listener.position, Number(reissued[1]), 'the listener follows the log again')
+  t.same(missedData(stream), [{ lastEventId: lost[1], resumedAfter: kept }], 'told that the log went back to the last event it kept')
+  t.equal(gateway.app.listener.position, Number(reissued[1]), 'the listener follows the log again')
 })
 
 t.test('a fork recorded by the log: a running stream and a client resuming with a lost id are both told, and lose nothing after', async (t) => {
-  const database = await createDatabase(t)
-  const { proxy, url } = await startProxy(t, database)
-  const gateway = await startGateway(t, {
-    LISTENER_LIVENESS_INTERVAL_MS: '200',
-    LISTENER_LIVENESS_TIMEOUT_MS: '500',
-    LISTENER_RECONNECT_MAX_MS: '200'
-  }, url)
-  const { listener } = gateway.app
-  const db = await connect(t, database)
-  const stream = await openStream(t, streamUrl(gateway.baseUrl, ['orders']), subscriber(gateway))
+  const { gateway, db, stream, cut, heal } = await partitionableGateway(t)
   const kept = await publishSql(db, 'orders', 'kept')
   const lost = await publishSql(db, 'orders', 'lost')
   await waitForData(stream, 'lost')
 
-  const disconnected = nextDisconnected(listener)
-  proxy.refuseNew = true
-  proxy.freezeByUpstreamPort((await theListenerBackend(db)).clientPort)
-  await within(disconnected, 'the listener to notice the silent connection')
+  await cut()
   await loseEventsAfter(db, kept)
   // The next publish finds the log on another timeline than its last one,
   // as after a promotion, and leaves a hole over the ids the old one drew.
@@ -290,16 +284,14 @@ t.test('a fork recorded by the log: a running stream and a client resuming with 
   const { rows: forks } = await db.query<{ fork_id: string, resumed_after: string }>('SELECT fork_id::text, resumed_after::text FROM sse_gateway.log_forks')
   t.same(forks, [{ fork_id: kept, resumed_after: String(Number(kept) + FORK_ID_GAP) }], 'the fork is recorded')
   t.equal(after, String(Number(kept) + FORK_ID_GAP + 1), 'the next id is drawn past the hole')
-  const reconnected = nextConnected(listener)
-  proxy.refuseNew = false
-  await within(reconnected, 'the listener to come back')
+  await heal()
   await waitForData(stream, 'after')
   t.same(stream.events.map((e) => e.data), ['kept', 'lost', 'after'], 'the running stream gets the new event')
-  t.same(stream.control.filter((e) => e.event === 'gateway/missed').map((e) => JSON.parse(e.data)), [{ lastEventId: lost, resumedAfter: kept }], 'and is told')
+  t.same(missedData(stream), [{ lastEventId: lost, resumedAfter: kept }], 'and is told')
 
   const resumed = await openStream(t, streamUrl(gateway.baseUrl, ['orders']), { ...subscriber(gateway), 'last-event-id': lost })
   await waitForData(resumed, 'after')
-  t.same(resumed.control.filter((e) => e.event === 'gateway/missed').map((e) => JSON.parse(e.data)), [{ lastEventId: lost, resumedAfter: kept }], 'a client resuming with the lost id is told too')
+  t.same(missedData(resumed), [{ lastEventId: lost, resumedAfter: kept }], 'a client resuming with the lost id is told too')
   t.same(resumed.events.map((e) => e.data), ['after'], 'and gets every event after the fork')
 })
 
