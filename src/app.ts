@@ -1,4 +1,5 @@
 import { STATUS_CODES } from 'node:http'
+import type { Duplex } from 'node:stream'
 import { fileURLToPath } from 'node:url'
 import fastifyPostgres from '@fastify/postgres'
 import fastifyStatic from '@fastify/static'
@@ -85,7 +86,18 @@ export function redactUrl (url: string): string {
     const name = param.slice(0, equals)
     return decodeParamName(name).toLowerCase() === 'access_token' ? `${name}=[redacted]` : param
   })
-  return url.slice(0, query + 1) + params.join('&')
+  return maskCredentials(url.slice(0, query + 1) + params.join('&'))
+}
+
+// A JWT (its header always starts "eyJ", the base64url of '{"') or a
+// ticket anywhere in a URL, under whatever name or separator a client used
+// (`access_token[]=`, `channel=a;access_token=`): masked too. Each class
+// excludes the character that ends it, so the match is linear.
+const CREDENTIAL = /eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*|tkt_[A-Za-z0-9_-]+/g
+
+/** Masks anything in a text that looks like a token or a ticket. */
+export function maskCredentials (text: string): string {
+  return text.replace(CREDENTIAL, '[redacted]')
 }
 
 function decodeParamName (name: string): string {
@@ -123,7 +135,8 @@ function sendError (reply: FastifyReply, err: FastifyError, statusCode: number):
   // A refusal from a global hook (URL too long, overloaded) comes before
   // the route's own hook that sets the API's security headers.
   if (!reply.hasHeader('x-content-type-options')) reply.headers(API_SECURITY_HEADERS)
-  reply.code(statusCode).send({ statusCode, error: STATUS_CODES[statusCode] ?? 'Error', message: clientMessage(err, statusCode) })
+  // A message may quote what the client sent (a channel name): never a credential.
+  reply.code(statusCode).send({ statusCode, error: STATUS_CODES[statusCode] ?? 'Error', message: maskCredentials(clientMessage(err, statusCode)) })
 }
 
 export function loggerOptions (level: string): Exclude<FastifyServerOptions['logger'], boolean | undefined> {
@@ -142,10 +155,36 @@ export function loggerOptions (level: string): Exclude<FastifyServerOptions['log
   }
 }
 
+// The security headers as a raw header block, for answers written to the socket.
+const RAW_SECURITY_HEADERS = Object.entries(API_SECURITY_HEADERS).map(([name, value]) => `${name}: ${value}\r\n`).join('')
+
+/**
+ * Answers what Node refuses before Fastify sees a request (bytes that are
+ * not HTTP, conflicting lengths, headers too large, a request not received
+ * in time) in the API's format, with its security headers, then closes the
+ * connection; Fastify's own answer has neither. Nothing of the request is
+ * repeated.
+ */
+function clientErrorHandler (this: FastifyInstance, err: NodeJS.ErrnoException, socket: Duplex): void {
+  if (err.code === 'ECONNRESET' || socket.destroyed) return
+  const statusCode = err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : err.code === 'HPE_HEADER_OVERFLOW' ? 431 : 400
+  const message = statusCode === 408
+    ? 'the request was not received in time'
+    : statusCode === 431 ? 'the request line and headers are too large' : 'the request is not valid HTTP/1.1'
+  const body = JSON.stringify({ statusCode, error: STATUS_CODES[statusCode], message })
+  this.log.debug({ code: err.code }, 'client error')
+  if (socket.writable) {
+    socket.write(`HTTP/1.1 ${statusCode} ${STATUS_CODES[statusCode] ?? ''}\r\nConnection: close\r\nContent-Type: application/json; charset=utf-8\r\n` +
+      `Content-Length: ${Buffer.byteLength(body)}\r\n${RAW_SECURITY_HEADERS}\r\n${body}`)
+  }
+  socket.destroy()
+}
+
 /** Makes the app, connected to its database, without listening. */
 export async function build (config: AppConfig, logger: FastifyServerOptions['logger'] = loggerOptions(config.LOG_LEVEL)): Promise<FastifyInstance> {
   const app = Fastify({
     logger,
+    clientErrorHandler,
     // Node answers a larger request line plus headers with a JSON 431.
     // A request not received whole within REQUEST_TIMEOUT_MS (a body sent a
     // byte at a time) is answered 408 and its connection closed; Node checks

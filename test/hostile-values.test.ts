@@ -92,6 +92,20 @@ t.test('a token under an encoded access_token name, or in a URL the router refus
   t.match(answer, { statusCode: 400, error: 'Bad Request', message: /URL/ })
   t.notMatch(body, /eyJ|events%zz|%zz/, 'repeating nothing of the URL')
 
+  // A token under a name or separator the query parser does not read as
+  // access_token: an answer that quotes a channel name masks it, as the log does.
+  const misspelled = await fetch(`${baseUrl}/events?channel=a;access_token=${token}&access_token[]=${token}`)
+  t.notMatch(JSON.stringify(await errorBody(t, misspelled, 400)), /eyJ/, 'a quoted channel name carries no token')
+
+  // What Node refuses before Fastify (not HTTP at all) is answered in the
+  // API's format and headers too.
+  const junk = await rawExchange(baseUrl, `\u0001\u0002 ${token}\r\n\r\n`)
+  const [junkHead = '', junkBody = ''] = junk.split('\r\n\r\n')
+  t.match(junkHead, /^HTTP\/1\.1 400 /, 'bytes that are not HTTP: a 400')
+  t.match(junkHead, /\r\nx-content-type-options: nosniff\r\n/i, 'with the API\'s headers')
+  t.same(Object.keys(JSON.parse(junkBody) as Record<string, unknown>).sort(), ['error', 'message', 'statusCode'], 'in the API\'s error format')
+  t.notMatch(junkBody, /eyJ/)
+
   // Fastify's parser errors quoted the body; ours say what is wrong.
   const notJson = await fetch(`${baseUrl}/events`, { method: 'POST', headers: { 'content-type': 'application/json', authorization: `Bearer ${gateway.token({ publish: ['*'] })}` }, body: token })
   t.notMatch(JSON.stringify(await errorBody(t, notJson, 400)), /eyJ/, 'a body that is not JSON is not quoted')

@@ -157,7 +157,8 @@ function retryLater (request: FastifyRequest, reply: FastifyReply, err: FastifyE
   if (statusCode < 500 && statusCode !== 429) throw err
   const retry = jittered(2 * retryMs)
   reply.header('retry-after', Math.max(1, Math.ceil(retry / 1000)))
-  if (request.headers.accept?.includes('text/event-stream') !== true) throw err
+  // Media types are case-insensitive (RFC 9110, 8.3.1).
+  if (request.headers.accept?.toLowerCase().includes('text/event-stream') !== true) throw err
   // A failure we did not name may carry internals: it is logged, not told.
   const named = err.code?.startsWith('GW_') === true
   if (!named) request.log.error({ err }, 'stream set-up failed')
