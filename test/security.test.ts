@@ -438,8 +438,11 @@ t.test('Idempotency-Keys are the client\'s own: tokens without sub never share t
   t.same(await once(`Bearer ${gateway.token({ sub: 'alice', publish: ['*'] }, { expiresIn: '2h' })}`, 'k2'), alice, 'tokens of one subject are one client')
   const elsewhere = await once(`Bearer ${gateway.token({ sub: 'alice', iss: 'https://other.example.com', publish: ['*'] } as Parameters<TestGateway['token']>[0])}`, 'k2')
   t.not(elsewhere.id, alice.id, 'the same sub from another issuer is another client')
+  const blank = await once(`Bearer ${gateway.token({ sub: '', publish: ['*'] })}`, 'k3')
+  const blankToo = await once(`Bearer ${gateway.token({ sub: '', publish: ['*'] }, { expiresIn: '2h' })}`, 'k3')
+  t.not(blankToo.id, blank.id, 'an empty sub names nobody: two such tokens are two clients')
   const { rows } = await db.query<{ n: number }>("SELECT count(*)::int AS n FROM sse_gateway.events WHERE channel = 'once'")
-  t.equal(rows[0]?.n, 4, 'four clients, four events')
+  t.equal(rows[0]?.n, 6, 'six clients, six events')
 })
 
 t.test('an address that keeps failing is refused before its attempts cost anything', async (t) => {

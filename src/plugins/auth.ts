@@ -86,14 +86,15 @@ export interface AuthPluginOptions {
 /**
  * Who a verified token speaks for, as one string, for what is kept per
  * client (idempotency keys, rate limits): its `iss` and `sub` when it has a
- * `sub`, so that every token of one subject is one client; otherwise the
+ * `sub` (a non-empty string), so that every token of one subject is one
+ * client; otherwise (no `sub`, an empty one, or one that is not a string) the
  * token itself, as the hash of its signed part (header and claims), which
  * no respelling of the token changes (the signature may be written several
  * ways, and an ECDSA one made anew, but the signed part is fixed by it).
  */
 export function tokenIdentity (claims: GatewayClaims, token: string): string {
   const { iss, sub } = claims as { iss?: unknown, sub?: unknown }
-  const identity = sub !== undefined
+  const identity = typeof sub === 'string' && sub !== ''
     ? JSON.stringify(['sub', iss ?? null, sub])
     : JSON.stringify(['token', token.slice(0, token.lastIndexOf('.'))])
   return createHash('sha256').update(identity).digest('base64url')
