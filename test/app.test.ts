@@ -60,8 +60,8 @@ t.test('GET / serves the demo page; unknown paths are JSON 404s', async (t) => {
   const missing = await app.inject('/nope')
   t.equal(missing.statusCode, 404)
   t.same(Object.keys(missing.json()).sort(), ['error', 'message', 'statusCode'])
-  const traversal = await app.inject('/../package.json')
-  t.not(traversal.statusCode, 200, 'no file outside public/')
+  // Path traversal is tested in security.test.ts over a raw socket: inject
+  // normalises `/../x` to `/x` before the server sees it.
 })
 
 t.test('a second instance on the same database migrates nothing twice and shares the log', async (t) => {

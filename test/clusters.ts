@@ -10,12 +10,9 @@ import os from 'node:os'
 import path from 'node:path'
 import { promisify } from 'node:util'
 import pg from 'pg'
+import { type Teardown, waitFor } from './helper.js'
 
 const run = promisify(execFile)
-
-interface Teardown {
-  teardown (fn: () => unknown): void
-}
 
 /** One PostgreSQL cluster of the pair. */
 export interface Cluster {
@@ -158,14 +155,10 @@ export class ReplicatedClusters {
 
   /** Resolves once the replica has replayed everything the primary had written when called. */
   async waitForReplay (ms = 10_000): Promise<string> {
-    const target = lsnBytes(await this.primaryLsn())
-    const deadline = Date.now() + ms
-    for (;;) {
-      const replayed = await this.replayedLsn()
-      if (lsnBytes(replayed) >= target) return replayed
-      if (Date.now() > deadline) throw new Error(`the replica replayed only up to ${replayed} in ${ms} ms`)
-      await new Promise((resolve) => setTimeout(resolve, 20))
-    }
+    const target = await this.primaryLsn()
+    let replayed = '0/0'
+    await waitFor(async () => lsnBytes(replayed = await this.replayedLsn()) >= lsnBytes(target), `the replica to replay up to ${target}`, ms)
+    return replayed
   }
 
   /** Walreceiver and walsender processes: the replication link as each side sees it. */
@@ -184,13 +177,10 @@ export class ReplicatedClusters {
   async cutReplication (ms = 10_000): Promise<void> {
     await this.query(this.replica, "ALTER SYSTEM SET primary_conninfo = ''")
     await this.query(this.replica, 'SELECT pg_reload_conf()')
-    const deadline = Date.now() + ms
-    for (;;) {
+    await waitFor(async () => {
       const link = await this.replicationLink()
-      if (link.receivers === 0 && link.senders === 0) return
-      if (Date.now() > deadline) throw new Error(`replication still up after ${ms} ms: ${JSON.stringify(link)}`)
-      await new Promise((resolve) => setTimeout(resolve, 20))
-    }
+      return link.receivers === 0 && link.senders === 0
+    }, 'the replication link to go', ms)
   }
 
   /** Promotes the replica to a primary and waits until it accepts writes. */
@@ -290,10 +280,6 @@ export async function startClusters (t: Teardown): Promise<ReplicatedClusters> {
   // own port on the command line.
   await clusters.run('pg_basebackup', ['-h', '127.0.0.1', '-p', String(primary.port), '-U', 'postgres', '-D', replica.dataDir, '-R', '-X', 'stream', '--no-sync'])
   await clusters.start(replica)
-  const deadline = Date.now() + 10_000
-  while ((await clusters.replicationLink()).receivers === 0) {
-    if (Date.now() > deadline) throw new Error('the replica did not start streaming from the primary')
-    await new Promise((resolve) => setTimeout(resolve, 20))
-  }
+  await waitFor(async () => (await clusters.replicationLink()).receivers > 0, 'the replica to stream from the primary')
   return clusters
 }

@@ -2,11 +2,7 @@ import pg from 'pg'
 import t from 'tap'
 import { MAX_EVENT_ID } from '../src/event-id.js'
 import { INLINE_PAYLOAD_BYTES, SCHEMA_VERSION, decodeNotification, encodeNotification, migrate, publishEvents, readEvents } from '../src/event-log.js'
-import { connect, consecutive, createDatabase, listenOn, readWireKey } from './helper.js'
-
-interface Teardown {
-  teardown (fn: () => unknown): void
-}
+import { connect, consecutive, createDatabase, listenOn, readWireKey, type Teardown, waitFor } from './helper.js'
 
 function poolFor (t: Teardown, url: string): pg.Pool {
   const pool = new pg.Pool({ connectionString: url, max: 4 })
@@ -22,15 +18,6 @@ async function publishSql (client: pg.ClientBase, channel: string | null, payloa
 async function lastId (client: pg.ClientBase): Promise<bigint> {
   const { rows } = await client.query<{ id: string }>('SELECT last_id::text AS id FROM sse_gateway.log_head')
   return BigInt((rows[0] as { id: string }).id)
-}
-
-/** Polls the database until `check` holds: for states that announce nothing, like a lock wait. */
-async function waitFor (check: () => Promise<boolean>, what: string): Promise<void> {
-  const deadline = Date.now() + 10_000
-  while (!await check()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
-    await new Promise((resolve) => setTimeout(resolve, 5))
-  }
 }
 
 // The log tests share one database, migrated once; the migration tests make their own.
@@ -257,23 +244,41 @@ t.test('two identical events in one batch are two notifications', async (t) => {
   ])
 })
 
-t.test('ids follow commit order: a second publisher waits for the first to commit', async (t) => {
-  const inbox = await listenOn(t, url, 'order')
+interface ContendedPublish {
+  first: pg.Client
+  second: pg.Client
+  firstId: string
+  secondId: Promise<string>
+  /** Whether the second publish has been answered. */
+  settled: () => boolean
+}
+
+/**
+ * Two publishers on 'order', each in an open transaction: the first has
+ * published; resolves once the second's publish waits on the log's lock,
+ * which nothing announces, so it polls pg_stat_activity.
+ */
+async function contendedPublish (t: Teardown, firstPayload: string, secondPayload: string): Promise<ContendedPublish> {
   const first = await connect(t, url)
   const second = await connect(t, url)
   const { rows } = await second.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')
   const secondPid = (rows[0] as { pid: number }).pid
-
   await first.query('BEGIN')
-  const firstId = await publishSql(first, 'order', 'first')
+  const firstId = await publishSql(first, 'order', firstPayload)
   await second.query('BEGIN')
   let settled = false
-  const secondId = publishSql(second, 'order', 'second').finally(() => { settled = true })
+  const secondId = publishSql(second, 'order', secondPayload).finally(() => { settled = true })
   await waitFor(async () => {
     const { rows } = await db.query<{ wait: string | null }>('SELECT wait_event_type AS wait FROM pg_stat_activity WHERE pid = $1', [secondPid])
     return rows[0]?.wait === 'Lock'
   }, 'the second publisher to wait on a lock')
-  t.notOk(settled, 'the second publish is blocked while the first is open')
+  return { first, second, firstId, secondId, settled: () => settled }
+}
+
+t.test('ids follow commit order: a second publisher waits for the first to commit', async (t) => {
+  const inbox = await listenOn(t, url, 'order')
+  const { first, second, firstId, secondId, settled } = await contendedPublish(t, 'first', 'second')
+  t.notOk(settled(), 'the second publish is blocked while the first is open')
 
   await first.query('COMMIT')
   const id = await secondId
@@ -284,19 +289,7 @@ t.test('ids follow commit order: a second publisher waits for the first to commi
 })
 
 t.test('a waiting publisher takes the ids a rolled back one returns', async (t) => {
-  const first = await connect(t, url)
-  const second = await connect(t, url)
-  const { rows } = await second.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')
-  const secondPid = (rows[0] as { pid: number }).pid
-
-  await first.query('BEGIN')
-  const firstId = await publishSql(first, 'order', 'doomed')
-  await second.query('BEGIN')
-  const secondId = publishSql(second, 'order', 'kept')
-  await waitFor(async () => {
-    const { rows } = await db.query<{ wait: string | null }>('SELECT wait_event_type AS wait FROM pg_stat_activity WHERE pid = $1', [secondPid])
-    return rows[0]?.wait === 'Lock'
-  }, 'the second publisher to wait on a lock')
+  const { first, second, firstId, secondId } = await contendedPublish(t, 'doomed', 'kept')
   await first.query('ROLLBACK')
   const id = await secondId
   await second.query('COMMIT')

@@ -5,9 +5,7 @@ import { connect, type AddressInfo, type Socket } from 'node:net'
 import t from 'tap'
 import { EVENT_STREAM_HEADERS, EventStream, type EventStreamOptions } from '../src/event-stream.js'
 import { encodeEvent } from '../src/sse.js'
-
-// A subtest's `t`.
-type Test = Parameters<Parameters<typeof t.test>[0]>[0]
+import { type Test, waitFor } from './helper.js'
 
 interface Served {
   stream: EventStream
@@ -109,15 +107,6 @@ async function serve (t: Test, options: Partial<EventStreamOptions> = {}): Promi
 
 const turn = async (): Promise<void> => { await new Promise((resolve) => setImmediate(resolve)) }
 
-/** Waits, turn by turn, for a condition on state nothing announces; fails after 10 s. */
-async function until (condition: () => boolean, what: string): Promise<void> {
-  const deadline = Date.now() + 10_000
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
-    await new Promise((resolve) => setTimeout(resolve, 2))
-  }
-}
-
 /**
  * The kernel's sockets from `port` to `peerPort` that still hold bytes to
  * send, as `ss` lists them (Linux): a socket closed with unsent bytes lives
@@ -139,14 +128,14 @@ t.test('the frames of one turn go out as one write, in order', async (t) => {
   for (const [i, f] of frames.entries()) served.stream.write(f, i + 1)
   t.equal(served.writes.length, 0, 'nothing written while the turn runs')
   const expected = Buffer.concat(frames).toString()
-  await until(() => client.body.length >= expected.length + 'retry: 1000\n\n'.length, 'the frames')
+  await waitFor(() => client.body.length >= expected.length + 'retry: 1000\n\n'.length, 'the frames')
   t.equal(served.writes.length, 1, 'one write for the whole burst')
   t.equal(client.body, 'retry: 1000\n\n' + expected, 'every frame, in order, unchanged')
 
   // The next turn's frames are a write of their own, after the first.
   served.stream.write(frame(501), 501)
   served.stream.write(frame(502), 502)
-  await until(() => served.writes.length === 2, 'the second write')
+  await waitFor(() => served.writes.length === 2, 'the second write')
   t.equal(served.writes[1]?.toString(), frame(501).toString() + frame(502).toString())
   t.equal(tally.bytesWritten, served.writes.reduce((n, w) => n + w.length, 0), 'the tally counts every byte written')
 })
@@ -162,7 +151,7 @@ t.test('the same Buffer may go to many streams, each keeping its own order', asy
     if (i % 7 === 0) await turn()
   }
   const expected = 'retry: 1000\n\n' + Buffer.concat(shared).toString()
-  for (const [, client] of pairs) await until(() => client.body.length >= expected.length, 'the frames')
+  for (const [, client] of pairs) await waitFor(() => client.body.length >= expected.length, 'the frames')
   for (const [, client] of pairs) t.equal(client.body, expected)
 })
 
@@ -185,7 +174,7 @@ t.test('streams flushed in a row with different frames each get their own', asyn
     x.toString() + y.toString(),
     x.toString() + y.toString() + frame(4).toString()
   ].map((body) => 'retry: 1000\n\n' + body)
-  for (const [i, [, client]] of pairs.entries()) await until(() => client.body.length >= (expected[i] as string).length, `stream ${i}`)
+  for (const [i, [, client]] of pairs.entries()) await waitFor(() => client.body.length >= (expected[i] as string).length, `stream ${i}`)
   t.same(pairs.map(([, client]) => client.body), expected)
 })
 
@@ -197,7 +186,7 @@ t.test('ids only grow: an event at or below the last id is dropped', async (t) =
   for (const id of [3, 5, 6, 6, 4, 8, 7]) served.stream.write(frame(id), id)
   served.stream.write(Buffer.from(': plain\n\n'))
   const expected = 'retry: 1000\n\n' + frame(6).toString() + frame(8).toString() + ': plain\n\n'
-  await until(() => client.body.length >= expected.length, 'the frames')
+  await waitFor(() => client.body.length >= expected.length, 'the frames')
   t.equal(client.body, expected)
 })
 
@@ -215,7 +204,7 @@ t.test('events held during set-up follow the replay, in order, without duplicate
   served.stream.release()
   served.stream.write(frame(5), 5)
   const expected = 'retry: 1000\n\n' + [2, 3, 4, 5].map((id) => frame(id).toString()).join('')
-  await until(() => client.body.length >= expected.length, 'the frames')
+  await waitFor(() => client.body.length >= expected.length, 'the frames')
   t.equal(client.body, expected, 'replayed 2 and 3, then the held 4 (3 dropped), then live 5')
 })
 
@@ -227,7 +216,7 @@ t.test('end() writes what is queued, then ends the response', async (t) => {
   served.stream.write(frame(2), 2)
   served.stream.end().catch(() => {})
   t.ok(served.stream.ended)
-  await until(() => client.closed || client.body.endsWith(frame(2).toString()), 'the end')
+  await waitFor(() => client.closed || client.body.endsWith(frame(2).toString()), 'the end')
   t.equal(client.body, 'retry: 1000\n\n' + frame(1).toString() + frame(2).toString())
   served.stream.write(frame(3), 3)
   await turn()
@@ -272,12 +261,12 @@ t.test('a client that stops reading is cut off at the bound; the others get ever
   t.equal(stalled.stream.unsentBytes, 0, 'and nothing more is kept for it')
   // A close would leave the server's socket in FIN-WAIT-1, holding in its
   // send buffer what the client never read; a reset frees it at once.
-  await until(() => serverSocket.closed, 'the server\'s socket to close')
+  await waitFor(() => serverSocket.closed, 'the server\'s socket to close')
   t.same(orphans(...ports), [], 'no socket is left holding unsent bytes')
 
   const expectedEvents = id
   for (const [served, client] of readers) {
-    await until(() => client.body.split('\n\n').length - 2 >= expectedEvents, 'every event on the readers')
+    await waitFor(() => client.body.split('\n\n').length - 2 >= expectedEvents, 'every event on the readers')
     t.equal(served.cutOff(), 0, 'a reader is not cut off')
     const ids = client.body.split('\n\n').filter((f) => f.startsWith('id: ')).map((f) => Number(f.slice(4, f.indexOf('\n'))))
     t.same(ids, Array.from({ length: expectedEvents }, (_, i) => i + 1), 'every event, in order')
@@ -309,7 +298,7 @@ t.test('a slow reader within the bound waits for drain and loses nothing', async
   t.equal(served.writes.length, writesWhileBlocked, 'no write while the socket has not drained')
   client.socket.resume()
   const last = id
-  await until(() => client.body.includes(`id: ${last}\n`), 'the last event')
+  await waitFor(() => client.body.includes(`id: ${last}\n`), 'the last event')
   t.equal(served.cutOff(), 0, 'not cut off')
   const ids = client.body.split('\n\n').filter((f) => f.startsWith('id: ')).map((f) => Number(f.slice(4, f.indexOf('\n'))))
   t.same(ids, [...new Set(ids)].sort((a, b) => a - b), 'in order, no duplicate')
@@ -355,7 +344,7 @@ t.test('a flood with a stalled client subscribed stays within the bound', async 
       reader.stream.write(f, id)
     }
     peakUnsent = Math.max(peakUnsent, stalled.stream.unsentBytes)
-    await until(() => reader.stream.unsentBytes < 4 * size, 'the reader to keep up')
+    await waitFor(() => reader.stream.unsentBytes < 4 * size, 'the reader to keep up')
     peakRss = Math.max(peakRss, process.memoryUsage().rss)
   }
   // A last, small event: the reader's tail shows it.
@@ -364,7 +353,7 @@ t.test('a flood with a stalled client subscribed stays within the bound', async 
   bytes += closing.length
   stalled.stream.write(closing, last)
   reader.stream.write(closing, last)
-  await until(() => readerClient.tail.includes(`id: ${last}\n`), 'the reader to get the last event')
+  await waitFor(() => readerClient.tail.includes(`id: ${last}\n`), 'the reader to get the last event')
   t.equal(stalled.cutOff(), 1, 'the stalled client is cut off')
   t.equal(reader.cutOff(), 0, 'the reader is not')
   t.ok(peakUnsent <= bound + size, `the stalled client's unsent bytes stayed within the bound (peak ${peakUnsent})`)

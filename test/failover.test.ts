@@ -7,17 +7,11 @@ import t from 'tap'
 import type { ListenerConnection } from '../src/listener.js'
 import { clustersUnavailable, type ReplicatedClusters, startClusters } from './clusters.js'
 import { type FreezableProxy, startProxy } from './tcp-proxy.js'
-import { openStream, published, type ReceivedEvent, startGateway, type StreamClient, streamUrl, subscriber, type Test, type TestGateway, waitForData, within } from './helper.js'
+import { openStream, published, type ReceivedEvent, readyStatus, startGateway, type StreamClient, streamUrl, subscriber, type Test, type TestGateway, waitFor, waitForData, within } from './helper.js'
 
 const CHANNEL = 'orders'
 
 const missedEvents = (stream: StreamClient): ReceivedEvent[] => stream.control.filter((e) => e.event === 'gateway/missed')
-
-async function readyStatus (gateway: TestGateway): Promise<number> {
-  const res = await fetch(`${gateway.baseUrl}/readyz`)
-  await res.body?.cancel()
-  return res.status
-}
 
 /**
  * Polls until the gateway is ready again (`/readyz` 200, listener live);
@@ -25,11 +19,7 @@ async function readyStatus (gateway: TestGateway): Promise<number> {
  */
 async function readyAgain (gateway: TestGateway, ms = 30_000): Promise<number> {
   const started = performance.now()
-  const deadline = Date.now() + ms
-  while (gateway.app.listener.state !== 'live' || await readyStatus(gateway) !== 200) {
-    if (Date.now() > deadline) throw new Error(`the gateway was not ready again within ${ms} ms (listener ${gateway.app.listener.state})`)
-    await new Promise((resolve) => setTimeout(resolve, 20))
-  }
+  await waitFor(async () => gateway.app.listener.state === 'live' && await readyStatus(gateway) === 200, 'the gateway to be ready again', ms)
   return Math.round(performance.now() - started)
 }
 

@@ -12,8 +12,51 @@ import type { GatewayClaims } from '../src/plugins/auth.js'
 export const ADMIN_URL = process.env.DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres'
 export const JWT_SECRET = 'test-secret-that-is-at-least-32-bytes-long'
 
-interface Teardown {
+/** What a resource needs to be torn down: a subtest's `t`, or the file's own. */
+export interface Teardown {
   teardown (fn: () => unknown): void
+}
+
+/** A subtest's `t`. */
+export type Test = Parameters<Parameters<typeof import('tap').default.test>[0]>[0]
+
+/** How long `Signal.until` waits, and what it reports when it gives up. */
+export interface UntilOptions {
+  /** Give up after this many ms (10 s); Infinity leaves the bound to the caller (`within`). */
+  ms?: number
+  /** Holds once nothing more can come (a stream ended): fail now, not at the deadline. */
+  ended?: () => boolean
+  /** What arrived, named in the timeout's error. */
+  got?: () => string
+}
+
+/**
+ * Wakes whoever waits for a condition on state that changes by events (a
+ * stream's events, notifications, writes to a sink), instead of polling or
+ * sleeping: whatever changes that state calls `wake()`.
+ */
+export class Signal {
+  #waiters: Array<() => void> = []
+
+  wake (): void {
+    const waiters = this.#waiters
+    this.#waiters = []
+    for (const w of waiters) w()
+  }
+
+  /** Resolves once `predicate` holds; rejects after `options.ms`, or once `options.ended` holds. */
+  async until (predicate: () => boolean, what: string, { ms = 10_000, ended, got }: UntilOptions = {}): Promise<void> {
+    const deadline = Date.now() + ms
+    while (!predicate()) {
+      if (ended?.() === true) throw new Error(`stream ended before ${what}`)
+      const left = deadline - Date.now()
+      if (left <= 0) throw new Error(`timed out waiting for ${what}${got === undefined ? '' : `; got ${got()}`}`)
+      await new Promise<void>((resolve) => {
+        const timer = Number.isFinite(left) ? setTimeout(resolve, left) : undefined
+        this.#waiters.push(() => { clearTimeout(timer); resolve() })
+      })
+    }
+  }
 }
 
 function databaseUrl (name: string): string {
@@ -111,7 +154,7 @@ export class StreamClient {
   readonly comments: string[] = []
   retry: number | undefined
   readonly #abort: AbortController
-  #waiters: Array<() => void> = []
+  readonly #signal = new Signal()
   #ended = false
   readonly done: Promise<void>
 
@@ -123,10 +166,10 @@ export class StreamClient {
         const received = { id: e.id, event: e.event, data: e.data };
         (e.event?.startsWith('gateway/') === true ? this.control : this.events).push(received)
         this.arrived.push(received)
-        this.#wake()
+        this.#signal.wake()
       },
-      onRetry: (ms) => { this.retry = ms; this.#wake() },
-      onComment: (c) => { this.comments.push(c); this.#wake() }
+      onRetry: (ms) => { this.retry = ms; this.#signal.wake() },
+      onComment: (c) => { this.comments.push(c); this.#signal.wake() }
     })
     this.done = (async () => {
       const decoder = new TextDecoder()
@@ -134,7 +177,7 @@ export class StreamClient {
         for await (const chunk of response.body as AsyncIterable<Uint8Array>) parser.feed(decoder.decode(chunk, { stream: true }))
       } catch {}
       this.#ended = true
-      this.#wake()
+      this.#signal.wake()
     })()
   }
 
@@ -142,18 +185,9 @@ export class StreamClient {
     return this.#ended
   }
 
-  #wake (): void {
-    const waiters = this.#waiters
-    this.#waiters = []
-    for (const w of waiters) w()
-  }
-
-  /** Resolves once `predicate` holds; rejects if the stream ends first. */
+  /** Resolves once `predicate` holds; rejects if the stream ends first. Unbounded: wrap it in `within`. */
   async until (predicate: () => boolean, what = 'condition'): Promise<void> {
-    while (!predicate()) {
-      if (this.#ended) throw new Error(`stream ended before ${what}`)
-      await new Promise<void>((resolve) => this.#waiters.push(resolve))
-    }
+    await this.#signal.until(predicate, what, { ms: Infinity, ended: () => this.#ended })
   }
 
   /** Waits for `n` events in all and returns them. */
@@ -212,22 +246,43 @@ export async function within<T> (promise: Promise<T>, what: string, ms = 5000): 
   }
 }
 
-/** Polls a condition on state nothing announces, until it holds or the deadline passes. */
-export async function waitFor (condition: () => boolean, what: string, ms = 5000): Promise<void> {
+/**
+ * Polls a condition on state nothing announces (a getter, a query, a
+ * request) until it holds; rejects after `ms` naming `what`, or with the
+ * condition's own error. A condition that answers with a promise (a round
+ * trip) is polled every 20 ms, a plain one every 5 ms.
+ */
+export async function waitFor (condition: () => boolean | Promise<boolean>, what: string, ms = 10_000): Promise<void> {
   const deadline = Date.now() + ms
-  while (!condition()) {
+  for (;;) {
+    const answer = condition()
+    if (typeof answer === 'boolean' ? answer : await answer) return
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
-    await new Promise((resolve) => setTimeout(resolve, 5))
+    await new Promise((resolve) => setTimeout(resolve, typeof answer === 'boolean' ? 5 : 20))
   }
 }
 
-/** Polls an async condition (a query, a request) until it holds or the deadline passes. */
-export async function eventually (condition: () => Promise<boolean>, what: string, ms = 10_000): Promise<void> {
-  const deadline = Date.now() + ms
-  while (!await condition()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
-    await new Promise((resolve) => setTimeout(resolve, 20))
-  }
+/** The application_name of the gateway's publishing pool (src/app.ts). */
+export const POOL_APPLICATION_NAME = 'pg-sse-gateway:pool'
+
+/** A backend of the gateway's pool, as pg_stat_activity shows it. */
+export interface PoolBackend {
+  pid: number
+  /** The client's port as the server sees it (a proxy's, behind test/tcp-proxy.ts). */
+  clientPort: number
+}
+
+/** Resolves, with them, once backends of the gateway's pool wait on a lock: a wait nothing announces. */
+export async function poolWaitingOnLock (db: pg.ClientBase): Promise<PoolBackend[]> {
+  let waiting: PoolBackend[] = []
+  await waitFor(async () => {
+    const { rows } = await db.query<{ pid: number, client_port: number }>(
+      `SELECT pid, client_port FROM pg_stat_activity
+       WHERE datname = current_database() AND application_name = $1 AND wait_event_type = 'Lock'`, [POOL_APPLICATION_NAME])
+    waiting = rows.map((r) => ({ pid: r.pid, clientPort: r.client_port }))
+    return waiting.length > 0
+  }, 'a publish to wait on a lock')
+  return waiting
 }
 
 /** The status GET /readyz answers now. */
@@ -256,9 +311,6 @@ export const FRAMING_CASES: ReadonlyArray<readonly [string, string]> = [
   ['\u001fnot an id', '\u001fnot an id'],
   ['{"json":\n  "pretty"}', '{"json":\n  "pretty"}']
 ]
-
-/** A subtest's `t`. */
-export type Test = Parameters<Parameters<typeof import('tap').default.test>[0]>[0]
 
 /** Headers of a subscriber allowed `patterns` (every channel by default). */
 export function subscriber (gateway: TestGateway, patterns: string[] = ['*']): Record<string, string> {
@@ -298,19 +350,16 @@ export async function errorBody (t: Test, res: Response, statusCode: number): Pr
   return body
 }
 
-/** A seeded generator (mulberry32) of numbers in [0, 1): a failing run can be replayed with its seed. */
 // Notifications as a plain LISTENing client sees them, with a way to wait for
 // a condition on them instead of sleeping.
 export class Inbox {
   readonly messages: pg.Notification[] = []
-  #waiters: Array<() => void> = []
+  readonly #signal = new Signal()
 
   constructor (client: pg.Client) {
     client.on('notification', (m) => {
       this.messages.push(m)
-      const waiters = this.#waiters
-      this.#waiters = []
-      for (const w of waiters) w()
+      this.#signal.wake()
     })
   }
 
@@ -320,15 +369,7 @@ export class Inbox {
 
   /** Resolves once `predicate` holds; rejects after 10 s so a failure names what was missing. */
   async until (predicate: () => boolean, what: string): Promise<void> {
-    const deadline = Date.now() + 10_000
-    while (!predicate()) {
-      const left = deadline - Date.now()
-      if (left <= 0) throw new Error(`timed out waiting for ${what}; got ${JSON.stringify(this.messages.map((m) => [m.channel, m.payload]))}`)
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, left)
-        this.#waiters.push(() => { clearTimeout(timer); resolve() })
-      })
-    }
+    await this.#signal.until(predicate, what, { got: () => JSON.stringify(this.messages.map((m) => [m.channel, m.payload])) })
   }
 }
 
@@ -351,6 +392,7 @@ export function consecutive (ids: readonly string[]): boolean {
   return ids.every((id, i) => i === 0 || BigInt(id) === BigInt(ids[i - 1] as string) + 1n)
 }
 
+/** A seeded generator (mulberry32) of numbers in [0, 1): a failing run can be replayed with its seed. */
 export function seededRandom (seed: number): () => number {
   let a = seed >>> 0
   return () => {

@@ -3,36 +3,9 @@ import { migrate } from '../src/event-log.js'
 import { ChannelHub, type ChannelListener, type EventSink } from '../src/hub.js'
 import { ListenerConnection, type ChannelEvent } from '../src/listener.js'
 import { encodeEvent } from '../src/sse.js'
-import { connect, createDatabase } from './helper.js'
+import { connect, createDatabase, Signal, type Teardown } from './helper.js'
 
-interface Teardown {
-  teardown (fn: () => unknown): void
-}
-
-// Wakes whoever waits on a condition over what arrived, instead of sleeping.
-class Signal {
-  #waiters: Array<() => void> = []
-
-  wake (): void {
-    const waiters = this.#waiters
-    this.#waiters = []
-    for (const w of waiters) w()
-  }
-
-  /** Resolves once `predicate` holds; rejects after 10 s so a failure says what it waited for. */
-  async until (predicate: () => boolean, what: string): Promise<void> {
-    const deadline = Date.now() + 10_000
-    while (!predicate()) {
-      const left = deadline - Date.now()
-      if (left <= 0) throw new Error(`timed out waiting for ${what}`)
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, left)
-        this.#waiters.push(() => { clearTimeout(timer); resolve() })
-      })
-    }
-  }
-}
-
+// Wakes whoever waits on what arrived, instead of sleeping.
 const signal = new Signal()
 
 /** A sink that keeps every chunk written to it. */

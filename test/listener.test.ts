@@ -3,27 +3,17 @@ import pg from 'pg'
 import t from 'tap'
 import { encodeNotification, migrate, publishEvents } from '../src/event-log.js'
 import { LISTENER_APPLICATION_NAME, ListenerConnection, type ChannelEvent, type ListenerOptions } from '../src/listener.js'
-import { connect, createDatabase, readWireKey, seededRandom } from './helper.js'
-
-interface Teardown {
-  teardown (fn: () => unknown): void
-}
+import { connect, createDatabase, readWireKey, seededRandom, Signal, type Teardown, waitFor } from './helper.js'
 
 // What a listener emitted, with a way to wait for a condition on it instead of sleeping.
 class Received {
   readonly events: ChannelEvent[] = []
   readonly errors: Error[] = []
-  #waiters: Array<() => void> = []
+  readonly #signal = new Signal()
 
   constructor (listener: ListenerConnection) {
-    listener.on('event', (e) => { this.events.push(e); this.#wake() })
-    listener.on('error', (err) => { this.errors.push(err); this.#wake() })
-  }
-
-  #wake (): void {
-    const waiters = this.#waiters
-    this.#waiters = []
-    for (const w of waiters) w()
+    listener.on('event', (e) => { this.events.push(e); this.#signal.wake() })
+    listener.on('error', (err) => { this.errors.push(err); this.#signal.wake() })
   }
 
   on (channel: string): ChannelEvent[] {
@@ -32,18 +22,8 @@ class Received {
 
   /** Resolves once `predicate` holds; rejects after 10 s so a failure says what it waited for. */
   async until (predicate: () => boolean, what: string): Promise<void> {
-    const deadline = Date.now() + 10_000
-    while (!predicate()) {
-      const left = deadline - Date.now()
-      if (left <= 0) {
-        const got = this.events.map((e) => `${e.channel}#${e.id ?? '-'}:${JSON.stringify(e.data.slice(0, 20))}`)
-        throw new Error(`timed out waiting for ${what}; got ${got.join(' ')}`)
-      }
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, left)
-        this.#waiters.push(() => { clearTimeout(timer); resolve() })
-      })
-    }
+    const got = (): string => this.events.map((e) => `${e.channel}#${e.id ?? '-'}:${JSON.stringify(e.data.slice(0, 20))}`).join(' ')
+    await this.#signal.until(predicate, what, { got })
   }
 }
 
@@ -148,21 +128,16 @@ t.test('unlisten stops delivery', async (t) => {
 t.test('a join racing a leave ends LISTENing', async (t) => {
   const { listener, received } = await startListener(t)
   await listener.listen('race')
-  const leave = listener.unlisten('race')
-  const join = listener.listen('race')
-  await Promise.all([leave, join])
-  t.ok(listener.channels.has('race'), 'still LISTENed after leave + join')
-  await notify(db, 'race', 'one')
-  await received.until(() => received.on('race').length === 1, 'the event')
-
-  // The same with the leave's UNLISTEN already on its way to the server.
-  const leaving = listener.unlisten('race')
-  await new Promise((resolve) => setImmediate(resolve))
-  const joining = listener.listen('race')
-  await Promise.all([leaving, joining])
-  t.ok(listener.channels.has('race'), 'still LISTENed after an in-flight leave + join')
-  await notify(db, 'race', 'two')
-  await received.until(() => received.on('race').length === 2, 'the second event')
+  // The second time with the leave's UNLISTEN already on its way to the server.
+  for (const [n, leave] of [[1, 'leave'], [2, 'an in-flight leave']] as const) {
+    const leaving = listener.unlisten('race')
+    if (n === 2) await new Promise((resolve) => setImmediate(resolve))
+    const joining = listener.listen('race')
+    await Promise.all([leaving, joining])
+    t.ok(listener.channels.has('race'), `still LISTENed after ${leave} + join`)
+    await notify(db, 'race', `event ${n}`)
+    await received.until(() => received.on('race').length === n, `event ${n}`)
+  }
 
   // And the other way round: a join immediately followed by a leave ends not LISTENing.
   const join2 = listener.listen('brief')
@@ -340,11 +315,7 @@ t.test('close', async (t) => {
     t.equal(listener.channels.size, 0)
     await t.rejects(listener.listen('after-close'), /closed/)
     // The server notices the end a moment after the client: wait for it.
-    const deadline = Date.now() + 10_000
-    while ((await db.query('SELECT 1 FROM pg_stat_activity WHERE pid = $1', [pid])).rows.length > 0) {
-      if (Date.now() > deadline) break
-      await new Promise((resolve) => setTimeout(resolve, 5))
-    }
+    await waitFor(async () => (await db.query('SELECT 1 FROM pg_stat_activity WHERE pid = $1', [pid])).rows.length === 0, 'the backend to end').catch(() => {})
     t.same((await db.query('SELECT 1 FROM pg_stat_activity WHERE pid = $1', [pid])).rows, [], 'the backend is gone')
     await listener.close()
     t.pass('a second close resolves')

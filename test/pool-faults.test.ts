@@ -5,19 +5,7 @@
 import type pg from 'pg'
 import t from 'tap'
 import { startProxy } from './tcp-proxy.js'
-import { connect, createDatabase, errorBody, eventually, openStream, publish, published, readyStatus, startGateway, streamUrl, subscriber, type TestGateway, waitFor, waitForData, within } from './helper.js'
-
-const POOL = 'pg-sse-gateway:pool'
-
-/** The client ports (as the server sees them: the proxy's side) of pool backends waiting on a lock. */
-async function poolPortsWaitingOnLock (db: pg.Client): Promise<number[]> {
-  const { rows } = await db.query<{ client_port: number }>(
-    `SELECT client_port FROM pg_stat_activity
-     WHERE datname = current_database() AND application_name = $1 AND wait_event_type = 'Lock'`,
-    [POOL]
-  )
-  return rows.map((r) => r.client_port)
-}
+import { connect, createDatabase, errorBody, openStream, poolWaitingOnLock, publish, published, readyStatus, startGateway, streamUrl, subscriber, type TestGateway, waitFor, waitForData, within } from './helper.js'
 
 async function logged (db: pg.Client, payload: string): Promise<number> {
   const { rows } = await db.query<{ n: number }>('SELECT count(*)::int AS n FROM sse_gateway.events WHERE payload = $1', [payload])
@@ -61,13 +49,12 @@ t.test('a publish on a connection gone silent fails within PG_QUERY_TIMEOUT_MS, 
   await blocker.query('SELECT * FROM sse_gateway.log_head FOR UPDATE')
   let settled = false
   const inDoubt = publish(gateway, 'orders', 'in doubt').finally(() => { settled = true })
-  let ports: number[] = []
-  await eventually(async () => (ports = await poolPortsWaitingOnLock(db)).length === 1, 'the publish to wait for the lock')
-  const frozen = proxy.freezeByUpstreamPort(ports[0] as number)
+  const [waiting] = await poolWaitingOnLock(db)
+  const frozen = proxy.freezeByUpstreamPort(waiting?.clientPort as number)
   // The server commits the publish; its answer never reaches the gateway.
   await blocker.query('ROLLBACK')
 
-  await eventually(async () => await readyStatus(gateway) === 503, '/readyz to answer 503', QUERY_TIMEOUT_MS + 5000)
+  await waitFor(async () => await readyStatus(gateway) === 503, '/readyz to answer 503', QUERY_TIMEOUT_MS + 5000)
   t.notOk(settled, '/readyz answered 503 while the publish was stuck')
   const res = await within(inDoubt, 'the publish in doubt to be answered', QUERY_TIMEOUT_MS + 5000)
   const body = await errorBody(t, res, 503)
@@ -81,7 +68,7 @@ t.test('a publish on a connection gone silent fails within PG_QUERY_TIMEOUT_MS, 
   // Publishing goes on, through a new connection.
   await within(published(gateway, 'orders', 'after'), 'a publish after the failure', 10_000)
   await waitForData(stream, 'after')
-  await eventually(async () => await readyStatus(gateway) === 200, '/readyz to answer 200')
+  await waitFor(async () => await readyStatus(gateway) === 200, '/readyz to answer 200')
   t.equal(poolErrors, 0, 'no pool error along the way')
 })
 
@@ -116,7 +103,7 @@ t.test('a publish that cannot reach the database says that nothing was published
 
   proxy.startingUp = false
   await within(published(gateway, 'orders', 'after'), 'a publish once the server is back', 10_000)
-  await eventually(async () => await readyStatus(gateway) === 200, '/readyz to answer 200')
+  await waitFor(async () => await readyStatus(gateway) === 200, '/readyz to answer 200')
   for (const payload of ['refused', 'refused with a key', 'starting up', 'starting up with a key']) {
     t.equal(await logged(db, payload), 0, `"${payload}" is not in the log`)
   }
@@ -131,14 +118,8 @@ t.test('a pool connection that dies while out of the pool, mid-transaction, fail
   await blocker.query('BEGIN')
   await blocker.query('SELECT * FROM sse_gateway.log_head FOR UPDATE')
   const killed = publishWithKey(gateway, 'orders', 'killed', 'k3')
-  let pids: number[] = []
-  await eventually(async () => {
-    const { rows } = await db.query<{ pid: number }>(
-      'SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1 AND wait_event_type = \'Lock\'', [POOL])
-    pids = rows.map((r) => r.pid)
-    return pids.length === 1
-  }, 'the publish to wait for the lock')
-  await db.query('SELECT pg_terminate_backend($1)', [pids[0]])
+  const [waiting] = await poolWaitingOnLock(db)
+  await db.query('SELECT pg_terminate_backend($1)', [waiting?.pid])
   const body = await errorBody(t, await within(killed, 'the publish to be answered'), 503)
   t.match(body.message, /may or may not have been published/, 'the server ended the session: outcome unknown')
   await blocker.query('ROLLBACK')
@@ -156,9 +137,8 @@ t.test('a publish with an Idempotency-Key on a connection gone silent fails too,
   await blocker.query('BEGIN')
   await blocker.query('SELECT * FROM sse_gateway.log_head FOR UPDATE')
   const inDoubt = publishWithKey(gateway, 'orders', 'keyed', 'k4')
-  let ports: number[] = []
-  await eventually(async () => (ports = await poolPortsWaitingOnLock(db)).length === 1, 'the publish to wait for the lock')
-  proxy.freezeByUpstreamPort(ports[0] as number)
+  const [waiting] = await poolWaitingOnLock(db)
+  proxy.freezeByUpstreamPort(waiting?.clientPort as number)
   await blocker.query('ROLLBACK')
   // Its transaction is left open on the server, with the log's lock, until
   // idle_in_transaction_session_timeout ends the session.

@@ -10,7 +10,7 @@ import { type EmbeddedDatabase, startEmbeddedPostgres } from '../src/embedded-po
 import { FORK_ID_GAP, pruneLog } from '../src/event-log.js'
 import { type ConnectedInfo, LISTENER_APPLICATION_NAME, type ListenerConnection } from '../src/listener.js'
 import { startProxy } from './tcp-proxy.js'
-import { connect, createDatabase, eventually, openStream, published, type ReceivedEvent, readyStatus, startGateway, type StreamClient, streamUrl, subscriber, type Test, type TestGateway, waitForData, within } from './helper.js'
+import { connect, createDatabase, openStream, published, type ReceivedEvent, readyStatus, startGateway, type StreamClient, streamUrl, subscriber, type Test, type TestGateway, waitFor, waitForData, within } from './helper.js'
 
 /** Publishes with SQL on `db`, bypassing the gateway; returns the id. */
 async function publishSql (db: pg.Client, channel: string, payload: string): Promise<string> {
@@ -119,7 +119,7 @@ t.test('a listener backend killed mid-stream loses no event and delivers none tw
 
   const now = await theListenerBackend(db)
   t.not(now.pid, killed.pid, 'a new listener backend')
-  await eventually(async () => await readyStatus(gateway) === 200, '/readyz to answer 200')
+  await waitFor(async () => await readyStatus(gateway) === 200, '/readyz to answer 200')
   t.equal(await readyStatus(gateway), 200, '/readyz answers 200 again')
 })
 
@@ -163,7 +163,7 @@ t.test('a half-open listener connection is noticed within the liveness timeout a
   t.ok(proxy.pairs.length > pairsAtFreeze, 'the listener reconnected through a new proxied connection')
   // The server never heard of the loss: left alone, the silent backend would
   // linger for the kernel's retransmission timeout, pinning the NOTIFY queue.
-  await eventually(async () => !(await listenerBackends(db)).some((b) => b.pid === backend.pid), 'the silent backend to be ended')
+  await waitFor(async () => !(await listenerBackends(db)).some((b) => b.pid === backend.pid), 'the silent backend to be ended')
   const pids = (await listenerBackends(db)).map((b) => b.pid)
   t.notOk(pids.includes(backend.pid), 'the gateway ended the silent backend once reconnected')
   t.equal(pids.length, 1, 'and a new listener backend serves the gateway')
@@ -180,7 +180,7 @@ t.test('a half-open listener connection is noticed within the liveness timeout a
   t.notOk(stream.ended, 'the stream stayed open')
   t.equal(opens(stream).length, 1, 'on the same response')
   t.equal(gaps(stream).length, 1, 'the stream was told of the gap')
-  await eventually(async () => await readyStatus(gateway) === 200, '/readyz to answer 200')
+  await waitFor(async () => await readyStatus(gateway) === 200, '/readyz to answer 200')
 })
 
 /**
@@ -345,7 +345,7 @@ t.test('a PostgreSQL restart under open streams is recovered from by itself', { 
     t.equal(opens(stream).length, 1, `stream ${i}: on the same response`)
     t.ok(gaps(stream).length >= 1, `stream ${i} was told of the gap`)
   }
-  await eventually(async () => await readyStatus(gateway) === 200, '/readyz to answer 200', 10_000)
+  await waitFor(async () => await readyStatus(gateway) === 200, '/readyz to answer 200', 10_000)
   t.equal(await readyStatus(gateway), 200, '/readyz answers 200 again')
 })
 
@@ -403,7 +403,7 @@ t.test('a graceful shutdown ends open streams and closes the listener backend', 
   }
   t.equal(gateway.app.streams.size, 0, 'no stream left')
   let left: Backend[] = [backend]
-  await eventually(async () => {
+  await waitFor(async () => {
     left = await listenerBackends(db)
     return left.length === 0
   }, 'the listener backend to go', 5000).catch(() => {})

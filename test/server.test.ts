@@ -3,7 +3,7 @@ import { chmod, mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import t from 'tap'
-import { openStream } from './helper.js'
+import { openStream, waitFor } from './helper.js'
 
 // The entry point as a newcomer meets it: no DATABASE_URL, no JWT_SECRET.
 const SERVER = path.resolve('src/server.ts')
@@ -24,12 +24,13 @@ function startServer (env: Record<string, string>): { child: ChildProcess, outpu
 async function waitForOutput (output: () => string, exited: Promise<unknown>, pattern: RegExp): Promise<RegExpMatchArray> {
   let done = false
   exited.then(() => { done = true }, () => {})
-  for (;;) {
-    const match = output().match(pattern)
-    if (match !== null) return match
+  // No deadline of its own: the test's timeout bounds the start of PostgreSQL.
+  await waitFor(() => {
+    if (pattern.test(output())) return true
     if (done) throw new Error(`server exited before ${pattern}:\n${output()}`)
-    await new Promise((resolve) => setTimeout(resolve, 50))
-  }
+    return false
+  }, String(pattern), Infinity)
+  return output().match(pattern) as RegExpMatchArray
 }
 
 t.test('with no DATABASE_URL and no JWT_SECRET it runs an embedded PostgreSQL and prints working tokens', { timeout: 120_000 }, async (t) => {

@@ -3,10 +3,7 @@
 // network does, without a FIN or a RST.
 import { once } from 'node:events'
 import { type AddressInfo, createServer, type Server, type Socket, connect as connectTcp } from 'node:net'
-
-interface Teardown {
-  teardown (fn: () => unknown): void
-}
+import type { Teardown } from './helper.js'
 
 export interface Pair {
   client: Socket

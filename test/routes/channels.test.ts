@@ -1,15 +1,9 @@
 import t from 'tap'
-import { openStream, publish, type ReceivedEvent, startGateway, type StreamClient, streamUrl, type TestGateway, within } from '../helper.js'
-
-// A subtest's `t`.
-type Test = Parameters<Parameters<typeof t.test>[0]>[0]
+import { errorBody, openStream, publish, type ReceivedEvent, startGateway, type StreamClient, streamUrl, subscriber, type Test, type TestGateway, within } from '../helper.js'
 
 async function take (stream: StreamClient, n: number): Promise<ReceivedEvent[]> {
   return await within(stream.take(n), `${n} events`)
 }
-
-const subscriber = (gateway: TestGateway): Record<string, string> =>
-  ({ authorization: `Bearer ${gateway.token({ subscribe: ['*'] })}` })
 
 const publisher = (gateway: TestGateway, patterns: string[] = ['*']): string => gateway.token({ publish: patterns })
 
@@ -31,13 +25,8 @@ async function created (t: Test, res: Response): Promise<Record<string, unknown>
   return body
 }
 
-async function errorBody (t: Test, res: Response, statusCode: number): Promise<void> {
-  t.equal(res.status, statusCode, `answers ${statusCode}`)
-  t.match(res.headers.get('content-type'), /^application\/json/)
-  const body = await res.json() as Record<string, unknown>
-  t.same(Object.keys(body).sort(), ['error', 'message', 'statusCode'], 'error body is {statusCode, error, message}')
-  t.match(body, { statusCode, error: /./, message: /./ })
-}
+/** The events a client reads for payloads published on `channel` with these ids. */
+const eventsOf = (channel: string, ids: unknown[], data: string[]): unknown[] => data.map((d, i) => ({ id: ids[i], event: channel, data: d }))
 
 /**
  * Proves nothing was published on the stream's channel since it had `seen`
@@ -66,13 +55,7 @@ t.test('a JSON body is published as the JSON text sent', async (t) => {
   const res = await publish(gateway, 'orders', '{"charset":true}', { contentType: 'application/json; charset=utf-8' })
   ids.push((await created(t, res)).id)
   const events = await take(stream, bodies.length + 1)
-  t.same(events, [
-    { id: ids[0], event: 'orders', data: '{ "a" : [1, 2],\n  "b": "ü" }\n' },
-    { id: ids[1], event: 'orders', data: '"just a string"' },
-    { id: ids[2], event: 'orders', data: '  42' },
-    { id: ids[3], event: 'orders', data: 'null' },
-    { id: ids[4], event: 'orders', data: '{"charset":true}' }
-  ])
+  t.same(events, eventsOf('orders', ids, ['{ "a" : [1, 2],\n  "b": "ü" }\n', '"just a string"', '  42', 'null', '{"charset":true}']))
 })
 
 t.test('a text/plain body is published verbatim', async (t) => {
@@ -82,13 +65,7 @@ t.test('a text/plain body is published verbatim', async (t) => {
   const ids: unknown[] = []
   for (const body of bodies) ids.push((await created(t, await publish(gateway, 'notes', body, { contentType: 'text/plain; charset=utf-8' }))).id)
   const events = await take(stream, bodies.length)
-  t.same(events, [
-    { id: ids[0], event: 'notes', data: '  leading spaces' },
-    { id: ids[1], event: 'notes', data: 'not { json' },
-    { id: ids[2], event: 'notes', data: 'crlf\nand lf\nand cr\n' },
-    { id: ids[3], event: 'notes', data: 'ünïcödé ✓ 🚀' },
-    { id: ids[4], event: 'notes', data: '' }
-  ])
+  t.same(events, eventsOf('notes', ids, ['  leading spaces', 'not { json', 'crlf\nand lf\nand cr\n', 'ünïcödé ✓ 🚀', '']))
 })
 
 t.test('invalid JSON is refused with 400 and nothing is published', async (t) => {

@@ -2,7 +2,7 @@
 // a 503 with nothing published when COMMIT fails, and an Idempotency-Key
 // that makes a retry publish nothing twice.
 import t from 'tap'
-import { connect, errorBody, openStream, publish, refuseAtCommit, type ReceivedEvent, startGateway, type StreamClient, streamUrl, subscriber, type Test, type TestGateway, within } from '../helper.js'
+import { connect, errorBody, openStream, poolWaitingOnLock, publish, refuseAtCommit, type ReceivedEvent, startGateway, type StreamClient, streamUrl, subscriber, type Test, type TestGateway, within } from '../helper.js'
 
 async function listen (t: Test, gateway: TestGateway, channel: string): Promise<StreamClient> {
   return await openStream(t, streamUrl(gateway.baseUrl, [channel]), subscriber(gateway))
@@ -139,15 +139,10 @@ t.test('a publish whose connection is ended mid-statement answers 503 saying the
   await db.query('BEGIN')
   await db.query('SELECT * FROM sse_gateway.log_head FOR UPDATE')
   const answer = publish(gateway, 'c', 'cut')
-  const waiting = "SELECT pid FROM pg_stat_activity WHERE application_name = 'pg-sse-gateway:pool' AND wait_event_type = 'Lock'"
-  // Nothing announces a lock wait: poll for it.
-  for (const deadline = Date.now() + 10_000; (await db.query(waiting)).rowCount === 0;) {
-    if (Date.now() > deadline) throw new Error('the publish never waited for the lock')
-    await new Promise((resolve) => setTimeout(resolve, 10))
-  }
+  const waiting = await poolWaitingOnLock(db)
   // The server ends the session (57P01): whether a COMMIT had been done is
   // not the client's to know in general.
-  await db.query(`SELECT pg_terminate_backend(pid) FROM (${waiting}) AS w`)
+  await db.query('SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid', [waiting.map((w) => w.pid)])
   await db.query('ROLLBACK')
   const body = await errorBody(t, await answer, 503)
   t.match(body.message, /may or may not have been published/)

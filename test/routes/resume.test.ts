@@ -1,8 +1,7 @@
-import { createParser } from 'eventsource-parser'
 import type pg from 'pg'
 import t from 'tap'
 import { pruneLog } from '../../src/event-log.js'
-import { connect, openStream, published, publishedBatch, type ReceivedEvent, startGateway, type StreamClient, streamUrl, subscriber, type Test, waitFor, waitForData, within } from '../helper.js'
+import { connect, openStream, published, publishedBatch, type ReceivedEvent, startGateway, type StreamClient, streamUrl, subscriber, waitFor, waitForData, within } from '../helper.js'
 
 async function logHead (db: pg.Client): Promise<string> {
   const { rows } = await db.query<{ id: string }>('SELECT last_id::text AS id FROM sse_gateway.log_head')
@@ -14,29 +13,6 @@ async function prunedThrough (db: pg.Client): Promise<string> {
   return (rows[0] as { id: string }).id
 }
 
-/** Polls an asynchronous condition (state in the database) until it holds. */
-async function eventually (condition: () => Promise<boolean>, what: string, ms = 5000): Promise<void> {
-  let held = false
-  let failed: unknown
-  const poll = (async () => {
-    while (!held) {
-      try {
-        held = await condition()
-      } catch (err) {
-        failed = err
-        return
-      }
-    }
-  })()
-  try {
-    await waitFor(() => held || failed !== undefined, what, ms)
-  } finally {
-    held = true
-    await poll
-  }
-  if (failed !== undefined) throw failed
-}
-
 async function openEvent (stream: StreamClient): Promise<ReceivedEvent> {
   await within(stream.until(() => stream.control.length > 0, 'gateway/open'), 'gateway/open')
   return stream.control[0] as ReceivedEvent
@@ -46,55 +22,6 @@ const ids = (events: readonly ReceivedEvent[]): string[] => events.map((e) => e.
 
 function isAscending (list: readonly string[]): boolean {
   return list.every((id, i) => i === 0 || Number(id) > Number(list[i - 1]))
-}
-
-/**
- * A stream read with one ordered list of every event, gateway/* included:
- * the helper's StreamClient keeps the two apart, and some tests are about
- * what comes before what.
- */
-interface OrderedStream {
-  status: number
-  all: ReceivedEvent[]
-  until (predicate: () => boolean, what: string): Promise<void>
-}
-
-async function openOrdered (t: Test, url: string, headers: Record<string, string>): Promise<OrderedStream> {
-  const abort = new AbortController()
-  const response = await fetch(url, { headers, signal: abort.signal })
-  const all: ReceivedEvent[] = []
-  let ended = false
-  let waiters: Array<() => void> = []
-  const wake = (): void => {
-    const w = waiters
-    waiters = []
-    for (const f of w) f()
-  }
-  const parser = createParser({ onEvent: (e) => { all.push({ id: e.id, event: e.event, data: e.data }); wake() } })
-  const done = (async () => {
-    const decoder = new TextDecoder()
-    try {
-      for await (const chunk of response.body as AsyncIterable<Uint8Array>) parser.feed(decoder.decode(chunk, { stream: true }))
-    } catch {}
-    ended = true
-    wake()
-  })()
-  t.teardown(async () => {
-    abort.abort()
-    await done
-  })
-  return {
-    status: response.status,
-    all,
-    async until (predicate, what) {
-      await within((async () => {
-        while (!predicate()) {
-          if (ended) throw new Error(`stream ended before ${what}`)
-          await new Promise<void>((resolve) => waiters.push(resolve))
-        }
-      })(), what)
-    }
-  }
 }
 
 t.test('a new stream opens at the log head and gets what commits after', async (t) => {
@@ -333,14 +260,14 @@ t.test('an id beyond the head gets gateway/missed, then live events', async (t) 
   const db = await connect(t, gateway.databaseUrl)
   await published(gateway, 'c', 'old 1')
   await published(gateway, 'c', 'old 2')
-  const stream = await openOrdered(t, streamUrl(gateway.baseUrl, ['c']), { ...subscriber(gateway), 'last-event-id': '1000' })
-  t.equal(stream.status, 200)
-  await stream.until(() => stream.all.length >= 2, 'gateway/open and gateway/missed')
+  const stream = await openStream(t, streamUrl(gateway.baseUrl, ['c']), { ...subscriber(gateway), 'last-event-id': '1000' })
+  t.equal(stream.response.status, 200)
+  await within(stream.until(() => stream.arrived.length >= 2, 'gateway/open and gateway/missed'), 'gateway/open and gateway/missed')
   const head = await logHead(db)
   t.equal(head, '2')
   const live = await published(gateway, 'c', 'live')
-  await stream.until(() => stream.all.some((e) => e.data === 'live'), 'the live event')
-  t.same(stream.all, [
+  await waitForData(stream, 'live')
+  t.same(stream.arrived, [
     { id: head, event: 'gateway/open', data: JSON.stringify({ lastEventId: head, head }) },
     { id: undefined, event: 'gateway/missed', data: JSON.stringify({ lastEventId: '1000', resumedAfter: head }) },
     { id: live, event: 'c', data: 'live' }
@@ -356,18 +283,18 @@ t.test('resuming from an id retention pruned gets gateway/missed, the retained e
     committed.push({ id: await published(gateway, channel, `e${i}`), event: channel, data: `e${i}` })
   }
   // The timer prunes down to the newest 5 events.
-  await eventually(async () => await prunedThrough(db) === '9', 'pruned_through to reach 9')
+  await waitFor(async () => await prunedThrough(db) === '9', 'pruned_through to reach 9')
   const { rows } = await db.query<{ id: string }>('SELECT id::text AS id FROM sse_gateway.events ORDER BY id')
   t.same(rows.map((r) => r.id), ['10', '11', '12', '13', '14'], 'the log keeps the newest 5 events')
 
-  const stream = await openOrdered(t, streamUrl(gateway.baseUrl, ['kept']), { ...subscriber(gateway), 'last-event-id': '2' })
-  t.equal(stream.status, 200)
+  const stream = await openStream(t, streamUrl(gateway.baseUrl, ['kept']), { ...subscriber(gateway), 'last-event-id': '2' })
+  t.equal(stream.response.status, 200)
   const retained = committed.filter((e) => Number(e.id) > 9 && e.event === 'kept')
   t.same(ids(retained), ['10', '11', '13', '14'], 'the expectation itself')
-  await stream.until(() => stream.all.length >= 2 + retained.length, 'the retained events')
+  await within(stream.until(() => stream.arrived.length >= 2 + retained.length, 'the retained events'), 'the retained events')
   const live = await published(gateway, 'kept', 'live')
-  await stream.until(() => stream.all.some((e) => e.data === 'live'), 'the live event')
-  t.same(stream.all, [
+  await waitForData(stream, 'live')
+  t.same(stream.arrived, [
     { id: '9', event: 'gateway/open', data: JSON.stringify({ lastEventId: '9', head: '14' }) },
     { id: undefined, event: 'gateway/missed', data: JSON.stringify({ lastEventId: '2', resumedAfter: '9' }) },
     ...retained,
@@ -375,9 +302,9 @@ t.test('resuming from an id retention pruned gets gateway/missed, the retained e
   ])
 
   // An id the log still holds resumes without gateway/missed.
-  const inside = await openOrdered(t, streamUrl(gateway.baseUrl, ['kept']), { ...subscriber(gateway), 'last-event-id': '12' })
-  await inside.until(() => inside.all.some((e) => e.data === 'live'), 'the live event')
-  t.same(inside.all.map((e) => [e.event, e.id]), [['gateway/open', '12'], ['kept', '13'], ['kept', '14'], ['kept', live]])
+  const inside = await openStream(t, streamUrl(gateway.baseUrl, ['kept']), { ...subscriber(gateway), 'last-event-id': '12' })
+  await waitForData(inside, 'live')
+  t.same(inside.arrived.map((e) => [e.event, e.id]), [['gateway/open', '12'], ['kept', '13'], ['kept', '14'], ['kept', live]])
 })
 
 t.test('a stream resuming while retention prunes never skips events unannounced', async (t) => {
@@ -400,21 +327,21 @@ t.test('a stream resuming while retention prunes never skips events unannounced'
 
   // Each stream resumes from the edge of what retention keeps, where a prune
   // may land between reading the bounds and reading the log.
-  const streams: Array<{ from: string, stream: OrderedStream }> = []
+  const streams: Array<{ from: string, stream: StreamClient }> = []
   for (let k = 0; k < 40; k++) {
     const from = await prunedThrough(db)
-    streams.push({ from, stream: await openOrdered(t, streamUrl(gateway.baseUrl, [channel]), { ...subscriber(gateway), 'last-event-id': from }) })
+    streams.push({ from, stream: await openStream(t, streamUrl(gateway.baseUrl, [channel]), { ...subscriber(gateway), 'last-event-id': from }) })
   }
   stop.abort()
   await publisher
   const sentinel = await published(gateway, channel, 'sentinel')
   for (const { from, stream } of streams) {
-    await stream.until(() => stream.all.some((e) => e.data === 'sentinel'), `the sentinel on the stream from ${from}`)
+    await waitForData(stream, 'sentinel')
     // Every event is on this channel: after the id the stream says it
     // resumed after, each id must follow the previous one.
-    let position = Number(stream.all[0]?.id)
+    let position = Number(stream.arrived[0]?.id)
     const skipped: string[] = []
-    for (const e of stream.all.slice(1)) {
+    for (const e of stream.arrived.slice(1)) {
       if (e.event === 'gateway/missed') {
         position = Number((JSON.parse(e.data) as { resumedAfter: string }).resumedAfter)
       } else if (e.id !== undefined) {
