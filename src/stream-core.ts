@@ -305,7 +305,9 @@ export class StreamCore {
     if (request.expiresAt !== undefined) this.#expiries.add(subscriber, request.expiresAt)
     if (start.after < bounds.head) {
       try {
-        this.#options.onReplayed?.(await this.#replay(subscriber, request.channels, start.after))
+        // Awaited apart: `f?.(await g())` would not run g when f is absent.
+        const replayed = await this.#replay(subscriber, request.channels, start.after)
+        this.#options.onReplayed?.(replayed)
       } catch (err) {
         subscriber.writer.end().catch(() => {})
         throw err
@@ -361,8 +363,10 @@ export class StreamCore {
   }
 }
 
+// Straight to the writer, past any live events still held: the stream ends
+// here, and the client resumes with its last id.
 function expire (subscriber: Subscriber): void {
-  subscriber.write(Buffer.from(encodeEvent({
+  subscriber.writer.write(Buffer.from(encodeEvent({
     event: GATEWAY_EVENTS.expired,
     data: JSON.stringify({ reason: 'the token expired: reconnect with a fresh one' })
   })))
