@@ -18,7 +18,7 @@ import { connect, type Socket } from 'node:net'
 import { parseArgs } from 'node:util'
 import Fastify from 'fastify'
 import { FastifySSEPlugin } from 'fastify-sse-v2'
-import { EVENT_STREAM_HEADERS, EventStream } from '../src/event-stream.js'
+import { EVENT_STREAM_HEADERS, EventStream, FlushLine } from '../src/event-stream.js'
 import { encodeEvent } from '../src/sse.js'
 
 type Variant = 'gateway' | 'sse-v2'
@@ -57,11 +57,11 @@ async function serve (variant: Variant): Promise<void> {
     })
   } else {
     const streams: EventStream[] = []
+    const line = new FlushLine()
     app.get('/s', async (_request, reply) => {
       reply.hijack()
       reply.raw.writeHead(200, EVENT_STREAM_HEADERS)
-      const stream = new EventStream(reply.raw, { maxBufferedBytes: 1 << 20 })
-      stream.release()
+      const stream = new EventStream(reply.raw, { maxBufferedBytes: 1 << 20, line })
       stream.write(Buffer.from(encodeEvent({ event: 'open', data: '{}' })))
       streams.push(stream)
     })
@@ -72,7 +72,7 @@ async function serve (variant: Variant): Promise<void> {
       const next = (): void => {
         const id = ++i
         const frame = Buffer.from(encodeEvent({ id: String(id), event: 'bench', data: PAYLOAD }))
-        for (const stream of streams) stream.write(frame, id)
+        for (const stream of streams) stream.write(frame)
         if (i < message.events) setImmediate(next)
         else send({ type: 'sent' })
       }

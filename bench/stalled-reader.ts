@@ -15,6 +15,7 @@ import { parseArgs } from 'node:util'
 import pg from 'pg'
 import { build } from '../src/app.js'
 import { loadConfig } from '../src/config.js'
+import type { EventStream } from '../src/event-stream.js'
 
 const { values: args } = parseArgs({
   options: {
@@ -90,7 +91,7 @@ async function main (): Promise<void> {
     while (app.streams.size > 0 && published < 100_000) {
       const server = sockets('established', serverSide)
       const client = sockets('established', clientSide)
-      const unsent = [...app.streams].map((stream) => stream.unsentBytes)
+      const unsent = [...app.streams].map((stream) => (stream.writer as EventStream).unsentBytes)
       if (server.length === STREAMS) {
         peak = {
           sendQueue: Math.max(peak.sendQueue, max(server.map((s) => s.sendQueue))),

@@ -1,6 +1,4 @@
 import type { OutgoingHttpHeaders, ServerResponse } from 'node:http'
-import type { EventSink } from './hub.js'
-import { encodeEvent } from './sse.js'
 
 export const EVENT_STREAM_HEADERS: OutgoingHttpHeaders = {
   'content-type': 'text/event-stream; charset=utf-8',
@@ -39,9 +37,11 @@ export interface EventStreamOptions {
   /**
    * Unsent bytes (queued here and buffered by the response) above which a
    * client whose socket has not taken the last write is deemed stalled and
-   * cut off. Live events held while the stream is set up count too.
+   * cut off.
    */
   maxBufferedBytes: number
+  /** The app's flush line. */
+  line: FlushLine
   /** Called with the frames thrown away, live events the client will not get on this stream. */
   onCutOff?: (droppedFrames: number) => void
   /** Shared by all streams of an app: a plain tally is all the hot path can afford. */
@@ -67,52 +67,74 @@ const FLUSH_SLICE_MS = 2
 // Streams written between two looks at the clock.
 const FLUSH_CHECK_EVERY = 32
 
-let line: EventStream[] = []
-let head = 0
-let flushScheduled = false
+/**
+ * The fan-out hot path's schedule, one per app (the gateway plugin makes it
+ * and closes it): streams with frames queued wait in line, and each is
+ * flushed once per turn of the line, however many frames it got meanwhile.
+ */
+export class FlushLine {
+  #line: Flushable[] = []
+  #head = 0
+  #scheduled: NodeJS.Immediate | undefined
+  #closed = false
+  // Streams on the same channels queue the same frames (the same Buffers),
+  // so consecutive flushes usually join the same list: the chunk made for
+  // one stream serves the next ones, instead of each copying the same bytes.
+  #lastJoined: Buffer[] = []
+  #lastChunk: Buffer | undefined
 
-function flushSlice (): void {
-  const deadline = performance.now() + FLUSH_SLICE_MS
-  while (head < line.length) {
-    const end = Math.min(line.length, head + FLUSH_CHECK_EVERY)
-    for (; head < end; head++) (line[head] as EventStream).flush()
-    if (performance.now() >= deadline) break
+  /** Puts a stream in line; it is flushed in this turn or a later one. */
+  enqueue (stream: Flushable): void {
+    if (this.#closed) return
+    this.#line.push(stream)
+    this.#scheduled ??= setImmediate(() => this.#flushSlice())
   }
-  if (head < line.length) {
-    // Under steady load the line never empties: drop the part already written.
-    if (head >= 4096) {
-      line = line.slice(head)
-      head = 0
+
+  /** The frames as one chunk, shared with the previous stream when its frames were the same. */
+  join (frames: Buffer[], bytes: number): Buffer {
+    if (frames.length === 1) return frames[0] as Buffer
+    if (this.#lastChunk !== undefined && frames.length === this.#lastJoined.length && frames.every((frame, i) => frame === this.#lastJoined[i])) return this.#lastChunk
+    this.#lastJoined = frames
+    this.#lastChunk = Buffer.concat(frames, bytes)
+    return this.#lastChunk
+  }
+
+  /** Stops the line: streams still in it are not flushed (they are being ended). */
+  close (): void {
+    this.#closed = true
+    if (this.#scheduled !== undefined) clearImmediate(this.#scheduled)
+    this.#scheduled = undefined
+    this.#line = []
+    this.#head = 0
+  }
+
+  #flushSlice (): void {
+    const deadline = performance.now() + FLUSH_SLICE_MS
+    while (this.#head < this.#line.length) {
+      const end = Math.min(this.#line.length, this.#head + FLUSH_CHECK_EVERY)
+      for (; this.#head < end; this.#head++) (this.#line[this.#head] as Flushable).flush()
+      if (performance.now() >= deadline) break
     }
-    setImmediate(flushSlice)
-    return
+    if (this.#head < this.#line.length) {
+      // Under steady load the line never empties: drop the part already written.
+      if (this.#head >= 4096) {
+        this.#line = this.#line.slice(this.#head)
+        this.#head = 0
+      }
+      this.#scheduled = setImmediate(() => this.#flushSlice())
+      return
+    }
+    this.#line = []
+    this.#head = 0
+    this.#scheduled = undefined
+    this.#lastJoined = []
+    this.#lastChunk = undefined
   }
-  line = []
-  head = 0
-  flushScheduled = false
-  lastJoined = []
-  lastChunk = undefined
 }
 
-// Streams on the same channels queue the same frames (the same Buffers), so
-// consecutive flushes usually join the same list: the chunk made for one
-// stream serves the next ones, instead of each copying the same bytes.
-let lastJoined: Buffer[] = []
-let lastChunk: Buffer | undefined
-
-function joinFrames (frames: Buffer[], bytes: number): Buffer {
-  if (frames.length === 1) return frames[0] as Buffer
-  if (lastChunk !== undefined && frames.length === lastJoined.length && frames.every((frame, i) => frame === lastJoined[i])) return lastChunk
-  lastJoined = frames
-  lastChunk = Buffer.concat(frames, bytes)
-  return lastChunk
-}
-
-function enqueue (stream: EventStream): void {
-  line.push(stream)
-  if (flushScheduled) return
-  flushScheduled = true
-  setImmediate(flushSlice)
+/** What the flush line flushes. */
+export interface Flushable {
+  flush (): void
 }
 
 /**
@@ -127,28 +149,37 @@ function flattenHeaderBlock (res: ServerResponse): void {
 }
 
 /**
- * One client's SSE response.
- *
- * A stream starts holding: live events delivered while it is set up (its
- * LISTENs, its start position, a replay from the log) wait, in order. Then
- * `release()` sends them and the stream goes live. Ids only grow on a
- * stream: a logged event at or below the last id it carried (one the replay
- * already sent, or older than where it started) is dropped, so the seam
- * between replay and live has no gap and no duplicate.
+ * What the stream core (src/stream-core.ts) writes a stream's frames to:
+ * one client's byte stream, with its own buffering and cut-off.
+ */
+export interface FrameWriter {
+  /** The client is gone, or the stream was ended. */
+  readonly ended: boolean
+  /** Queues a live frame; it is written on the stream's next turn in the flush line. */
+  write (frame: Buffer): void
+  /** Writes a frame now, ahead of queued ones (a replay page); false when the client should drain first. */
+  writeNow (frame: Buffer): boolean
+  /** Resolves when the client has taken what was written, or the stream ended. */
+  drained (): Promise<void>
+  /** Ends the stream after what is queued; resolves once it is sent (or the client is gone). */
+  end (): Promise<void>
+  /** Drops a client that stopped reading; `dropped` frames the caller throws away with it. */
+  cutOff (dropped: number): void
+}
+
+/**
+ * One client's SSE response: a FrameWriter over node:http.
  *
  * Live frames are queued, and written together when the stream's turn in
  * the flush line comes: one chunk for all the frames queued meanwhile. When
  * the response says to wait (write() returned false), frames queue until it
- * drains. A client that stops
- * reading is cut off once its unsent bytes pass the bound, instead of
- * buffering without limit; it resumes with its last id.
+ * drains. A client that stops reading is cut off once its unsent bytes pass
+ * the bound, instead of buffering without limit; it resumes with its last
+ * id.
  */
-export class EventStream implements EventSink {
+export class EventStream implements FrameWriter, Flushable {
   readonly #res: ServerResponse
   readonly #options: EventStreamOptions
-  #held: Array<{ frame: Buffer, id: number | undefined }> | null = []
-  #heldBytes = 0
-  #lastId = 0
   // Live frames not yet handed to the response, oldest first.
   #pending: Buffer[] = []
   #pendingBytes = 0
@@ -166,15 +197,10 @@ export class EventStream implements EventSink {
 
   /** Bytes written to this stream that the socket has not taken yet. */
   get unsentBytes (): number {
-    return this.#heldBytes + this.#pendingBytes + this.#res.writableLength
+    return this.#pendingBytes + this.#res.writableLength
   }
 
-  /** Events up to this id are not for this stream. */
-  startAfter (id: number): void {
-    this.#lastId = id
-  }
-
-  /** Sends the headers and the first frames; live events are still held. */
+  /** Sends the headers and the first frames. */
   open (headers: OutgoingHttpHeaders, preamble: string): void {
     this.#res.writeHead(200, headers)
     flattenHeaderBlock(this.#res)
@@ -182,74 +208,32 @@ export class EventStream implements EventSink {
   }
 
   /**
-   * Writes an event read from the log, ahead of the held live ones. The
-   * replay paces itself with `drained()` between pages, so it buffers one
-   * page at most and is not held to the bound: a page of large events may
-   * pass it, and cutting the stream there would make a client that resumes
-   * after such events fail again each time. A client that stalls in a replay
-   * is cut off by the live events held meanwhile.
+   * A replay page's frame, written at once. The replay paces itself with
+   * `drained()` between pages, so it buffers one page at most and is not
+   * held to the bound: a page of large events may pass it, and cutting the
+   * stream there would make a client that resumes after such events fail
+   * again each time. A client that stalls in a replay is cut off by the
+   * live events held meanwhile.
    */
-  replay (frame: Buffer, id: number): boolean {
-    if (id <= this.#lastId) return true
-    this.#lastId = id
+  writeNow (frame: Buffer): boolean {
     if (this.ended) return false
     return this.#res.write(frame)
   }
 
-  /**
-   * Tells the client about logged events it will not get in order, with a
-   * `gateway/missed` event (`{lastEventId, resumedAfter}`), and moves the
-   * stream's position to `resumedAfter`:
-   * - `pruned`: a stream behind it skips to it (the events in between are gone);
-   * - `forked`: a stream ahead of it goes back to it, so that events the log
-   *   now holds after it, with ids the stream may already have carried, still
-   *   reach it.
-   * Returns whether the stream was told.
-   */
-  missed (cause: 'pruned' | 'forked', resumedAfter: number): boolean {
-    if (cause === 'pruned' ? this.#lastId >= resumedAfter : this.#lastId <= resumedAfter) return false
-    const frame = Buffer.from(encodeEvent({
-      event: GATEWAY_EVENTS.missed,
-      data: JSON.stringify({ lastEventId: String(this.#lastId), resumedAfter: String(resumedAfter) })
-    }))
-    this.#lastId = resumedAfter
-    this.write(frame)
-    return true
-  }
-
-  /** Sends the held live events and goes live. */
-  release (): void {
-    const held = this.#held ?? []
-    this.#held = null
-    this.#heldBytes = 0
-    for (const { frame, id } of held) this.write(frame, id)
-  }
-
-  write (frame: Buffer, id?: number): void {
-    if (this.#held !== null) {
-      if (this.ended) return
-      this.#held.push({ frame, id })
-      this.#heldBytes += frame.length
-      if (this.#heldBytes > this.#options.maxBufferedBytes) this.#cutOff()
-      return
-    }
-    if (id !== undefined) {
-      if (id <= this.#lastId) return
-      this.#lastId = id
-    }
+  write (frame: Buffer): void {
     if (this.ended) return
     // Only a client that left data behind is measured: frames queued for the
     // next flush of a stream whose socket took everything are the gateway's
     // own backlog, shared Buffers that the flush will hand on.
     if (this.#waitingForDrain && this.#pendingBytes + frame.length + this.#res.writableLength > this.#options.maxBufferedBytes) {
-      this.#cutOff(1)
+      this.cutOff(1)
       return
     }
     this.#pending.push(frame)
     this.#pendingBytes += frame.length
     if (!this.#scheduled && !this.#waitingForDrain) {
       this.#scheduled = true
-      enqueue(this)
+      this.#options.line.enqueue(this)
     }
   }
 
@@ -267,7 +251,7 @@ export class EventStream implements EventSink {
     }
     const pending = this.#pending
     if (this.#options.tally !== undefined) this.#options.tally.bytesWritten += this.#pendingBytes
-    const chunk = joinFrames(pending, this.#pendingBytes)
+    const chunk = this.#options.line.join(pending, this.#pendingBytes)
     this.#pending = []
     this.#pendingBytes = 0
     // Corked here, the response does not cork the socket itself and defer
@@ -287,7 +271,6 @@ export class EventStream implements EventSink {
     }
   }
 
-  /** Resolves when the client has taken what was written, or the stream ended. */
   async drained (): Promise<void> {
     if (this.ended || !this.#res.writableNeedDrain) return
     await new Promise<void>((resolve) => {
@@ -301,7 +284,6 @@ export class EventStream implements EventSink {
     })
   }
 
-  /** Ends the response after what is queued; resolves once it is sent (or the client is gone). */
   async end (): Promise<void> {
     if (this.ended) return
     if (this.#onDrain !== undefined) this.#res.off('drain', this.#onDrain)
@@ -317,12 +299,9 @@ export class EventStream implements EventSink {
   // and a closure made at construction costs each of them a context.
   #onDrain: (() => void) | undefined
 
-  /** `refused`: a frame the caller was writing, dropped too. */
-  #cutOff (refused = 0): void {
+  cutOff (dropped: number): void {
     if (this.ended) return
-    const dropped = (this.#held?.length ?? 0) + this.#pending.length + refused
-    this.#held = []
-    this.#heldBytes = 0
+    dropped += this.#pending.length
     this.#pending = []
     this.#pendingBytes = 0
     // Reset, not closed: a socket closed with unsent bytes waits in

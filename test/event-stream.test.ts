@@ -3,12 +3,16 @@ import { once } from 'node:events'
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http'
 import { connect, type AddressInfo, type Socket } from 'node:net'
 import t from 'tap'
-import { EVENT_STREAM_HEADERS, EventStream, type EventStreamOptions } from '../src/event-stream.js'
+import { EVENT_STREAM_HEADERS, EventStream, type EventStreamOptions, FlushLine } from '../src/event-stream.js'
+import { Subscriber } from '../src/stream-core.js'
 import { encodeEvent } from '../src/sse.js'
 import { type Test, waitFor } from './helper.js'
 
 interface Served {
-  stream: EventStream
+  /** The stream's seam (src/stream-core.ts): it holds until released, and keeps ids growing. */
+  stream: Subscriber
+  /** What the seam writes to: the response, its queue and its bound. */
+  writer: EventStream
   res: ServerResponse
   /** Every chunk handed to res.write, in order. */
   writes: Buffer[]
@@ -65,6 +69,8 @@ class RawClient {
 /** An HTTP server whose every request becomes an EventStream, closed when the test ends. */
 async function serve (t: Test, options: Partial<EventStreamOptions> = {}): Promise<{ open: () => Promise<[Served, RawClient]> }> {
   const waiting: Array<(served: Served) => void> = []
+  const line = new FlushLine()
+  t.teardown(() => line.close())
   const server = createServer((_req: IncomingMessage, res: ServerResponse) => {
     let cutOffs = 0
     let dropped = 0
@@ -74,14 +80,17 @@ async function serve (t: Test, options: Partial<EventStreamOptions> = {}): Promi
       writes.push(Buffer.from(chunk))
       return write(chunk)
     }) as typeof res.write
-    const stream = new EventStream(res, {
+    const writer = new EventStream(res, {
       maxBufferedBytes: 256 * 1024,
+      line,
       onCutOff: (frames) => { cutOffs++; dropped += frames },
       ...options
     })
-    stream.open(EVENT_STREAM_HEADERS, 'retry: 1000\n\n')
+    // Live events held during set-up count toward the same bound.
+    const stream = new Subscriber(writer, options.maxBufferedBytes ?? 256 * 1024)
+    writer.open(EVENT_STREAM_HEADERS, 'retry: 1000\n\n')
     writes.length = 0
-    waiting.shift()?.({ stream, res, writes, cutOff: () => cutOffs, dropped: () => dropped })
+    waiting.shift()?.({ stream, writer, res, writes, cutOff: () => cutOffs, dropped: () => dropped })
   })
   server.listen(0, '127.0.0.1')
   await once(server, 'listening')
@@ -159,7 +168,7 @@ t.test('streams flushed in a row with different frames each get their own', asyn
   const { open } = await serve(t)
   const pairs = await Promise.all([open(), open(), open(), open()])
   for (const [served] of pairs) served.stream.release()
-  const [a, b, c, d] = pairs.map(([served]) => served.stream) as [EventStream, EventStream, EventStream, EventStream]
+  const [a, b, c, d] = pairs.map(([served]) => served.stream) as [Subscriber, Subscriber, Subscriber, Subscriber]
   const x = frame(1)
   const y = frame(2)
   const z = frame(3, 'event 2') // as long as y
@@ -200,7 +209,7 @@ t.test('events held during set-up follow the replay, in order, without duplicate
   t.equal(served.writes.length, 0, 'held, not written')
   t.ok(served.stream.replay(frame(2), 2))
   t.ok(served.stream.replay(frame(3), 3))
-  await served.stream.drained()
+  await served.writer.drained()
   served.stream.release()
   served.stream.write(frame(5), 5)
   const expected = 'retry: 1000\n\n' + [2, 3, 4, 5].map((id) => frame(id).toString()).join('')
@@ -214,8 +223,8 @@ t.test('end() writes what is queued, then ends the response', async (t) => {
   served.stream.release()
   served.stream.write(frame(1), 1)
   served.stream.write(frame(2), 2)
-  served.stream.end().catch(() => {})
-  t.ok(served.stream.ended)
+  served.writer.end().catch(() => {})
+  t.ok(served.writer.ended)
   await waitFor(() => client.closed || client.body.endsWith(frame(2).toString()), 'the end')
   t.equal(client.body, 'retry: 1000\n\n' + frame(1).toString() + frame(2).toString())
   served.stream.write(frame(3), 3)
@@ -243,7 +252,7 @@ t.test('a client that stops reading is cut off at the bound; the others get ever
       const f = frame(++id, payload)
       stalled.stream.write(f, id)
       for (const [served] of readers) served.stream.write(f, id)
-      peak = Math.max(peak, stalled.stream.unsentBytes)
+      peak = Math.max(peak, stalled.writer.unsentBytes)
     }
     await turn()
   }
@@ -251,14 +260,14 @@ t.test('a client that stops reading is cut off at the bound; the others get ever
   const handed = stalled.writes.reduce((n, w) => n + w.toString('latin1').split('\n\n').length - 1, 0)
   t.ok(stalled.dropped() > 0, `the frames thrown away are counted (${stalled.dropped()})`)
   t.equal(handed + stalled.dropped(), id, 'each frame was either handed to the response or counted as dropped')
-  t.ok(stalled.stream.ended, 'its response is destroyed')
+  t.ok(stalled.writer.ended, 'its response is destroyed')
   t.ok(peak <= bound + frame(id, payload).length, `its unsent bytes never passed the bound by more than a frame (peak ${peak})`)
   const after = stalled.writes.length
   stalled.stream.write(frame(++id, payload), id)
   for (const [served] of readers) served.stream.write(frame(id, payload), id)
   await turn()
   t.equal(stalled.writes.length, after, 'nothing more is written to it')
-  t.equal(stalled.stream.unsentBytes, 0, 'and nothing more is kept for it')
+  t.equal(stalled.writer.unsentBytes, 0, 'and nothing more is kept for it')
   // A close would leave the server's socket in FIN-WAIT-1, holding in its
   // send buffer what the client never read; a reset frees it at once.
   await waitFor(() => serverSocket.closed, 'the server\'s socket to close')
@@ -311,7 +320,7 @@ t.test('live events held during a long set-up count toward the bound', async (t)
   const payload = 'z'.repeat(8 * 1024)
   for (let id = 1; id <= 9; id++) served.stream.write(frame(id, payload), id)
   t.equal(served.cutOff(), 1, 'cut off before the release')
-  t.equal(served.stream.unsentBytes, 0, 'and holds nothing')
+  t.equal(served.writer.unsentBytes, 0, 'and holds nothing')
   served.stream.release()
   t.equal(served.writes.length, 0, 'the release writes nothing')
 })
@@ -343,8 +352,8 @@ t.test('a flood with a stalled client subscribed stays within the bound', async 
       stalled.stream.write(f, id)
       reader.stream.write(f, id)
     }
-    peakUnsent = Math.max(peakUnsent, stalled.stream.unsentBytes)
-    await waitFor(() => reader.stream.unsentBytes < 4 * size, 'the reader to keep up')
+    peakUnsent = Math.max(peakUnsent, stalled.writer.unsentBytes)
+    await waitFor(() => reader.writer.unsentBytes < 4 * size, 'the reader to keep up')
     peakRss = Math.max(peakRss, process.memoryUsage().rss)
   }
   // A last, small event: the reader's tail shows it.

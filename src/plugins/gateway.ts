@@ -1,17 +1,22 @@
 import fp from 'fastify-plugin'
 import type { GatewayConfig } from '../config.js'
 import { pruneLog } from '../event-log.js'
-import { type EventStream, GATEWAY_EVENTS } from '../event-stream.js'
+import { FlushLine, GATEWAY_EVENTS } from '../event-stream.js'
 import { ChannelHub } from '../hub.js'
 import { ListenerConnection } from '../listener.js'
 import { encodeComment, encodeEvent } from '../sse.js'
+import { StreamCore, type Subscriber } from '../stream-core.js'
 
 declare module 'fastify' {
   interface FastifyInstance {
     listener: ListenerConnection
     hub: ChannelHub
+    /** History then live for every stream (src/stream-core.ts). */
+    streamCore: StreamCore
+    /** Where streams with frames queued wait for their write (src/event-stream.ts). */
+    flushLine: FlushLine
     /** Every SSE stream open on this app. */
-    streams: Set<EventStream>
+    streams: Set<Subscriber>
   }
 }
 
@@ -20,7 +25,7 @@ export interface GatewayPluginOptions {
   config: GatewayConfig
 }
 
-/** The listener connection and the hub fed by it, owned by the app. */
+/** The listener connection, the hub fed by it, the stream core and the flush line, owned by the app. */
 export default fp<GatewayPluginOptions>(async function gatewayPlugin (app, { connectionString, config }) {
   const listener = new ListenerConnection({
     connectionString,
@@ -29,8 +34,16 @@ export default fp<GatewayPluginOptions>(async function gatewayPlugin (app, { con
     reconnectDelayMaxMs: config.LISTENER_RECONNECT_MAX_MS
   })
   const hub = new ChannelHub(listener)
-  const streams = new Set<EventStream>()
   const { metrics } = app
+  const streamCore = new StreamCore({
+    hub,
+    log: app.pg.pool,
+    maxHeldBytes: config.STREAM_BUFFER_BYTES,
+    retryMs: config.RETRY_MS,
+    onReplayed: (count) => metrics.eventsReplayed.inc(count)
+  })
+  const streams = streamCore.subscribers
+  const flushLine = new FlushLine()
 
   listener.on('event', (event) => {
     const started = performance.now()
@@ -39,8 +52,7 @@ export default fp<GatewayPluginOptions>(async function gatewayPlugin (app, { con
     metrics.eventsReceived.inc({ kind: event.id === undefined ? 'plain' : 'logged' })
   })
   listener.on('discontinuity', ({ cause, resumedAfter }) => {
-    let told = 0
-    for (const stream of streams) if (stream.missed(cause, resumedAfter)) told++
+    const told = streamCore.missed(cause, resumedAfter)
     app.log.warn({ cause, resumedAfter, streamsTold: told }, cause === 'pruned'
       ? 'retention pruned events the listener had not read while away; streams told'
       : 'the event log forked (a failover lost events already delivered); streams told and rewound')
@@ -67,6 +79,8 @@ export default fp<GatewayPluginOptions>(async function gatewayPlugin (app, { con
   await listener.connect()
   app.decorate('listener', listener)
   app.decorate('hub', hub)
+  app.decorate('streamCore', streamCore)
+  app.decorate('flushLine', flushLine)
   app.decorate('streams', streams)
 
   // One timer for all streams, and one shared frame.
@@ -94,9 +108,10 @@ export default fp<GatewayPluginOptions>(async function gatewayPlugin (app, { con
     clearInterval(retentionTimer)
     // Once their last chunk is out the connections are idle, and the
     // server closes them at once instead of waiting for keep-alive to lapse.
-    await Promise.all([...streams].map(async (stream) => { await stream.end() }))
+    await streamCore.endAll()
   })
   app.addHook('onClose', async () => {
+    flushLine.close()
     await listener.close()
   })
 }, { name: 'gateway', dependencies: ['gateway-metrics'] })

@@ -5,8 +5,8 @@ import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from
 import type { GatewayConfig } from '../config.js'
 import { BadRequestError, OverloadedError, UnavailableError } from '../errors.js'
 import { EVENT_STREAM_HEADERS, EventStream, GATEWAY_EVENTS } from '../event-stream.js'
-import { type LogBounds, readLogBounds, readReplayPage } from '../event-log.js'
 import { encodeEvent, encodeRetry } from '../sse.js'
+import { jittered, type PreparedStream, StreamUnavailableError } from '../stream-core.js'
 import { type EventId, MAX_EVENT_ID, parseEventId } from '../event-id.js'
 import { BATCH_DATA, checkChannelNames, jsonBodyParser, publishAll, toPayload, utf8BodyParser } from './publishing.js'
 import { API_ROUTE, API_SECURITY_HEADERS } from '../plugins/security.js'
@@ -22,9 +22,6 @@ const StreamQuery = Type.Object({
   lastEventId: Type.Optional(Type.String())
 })
 
-// Pages of the log a replay reads at a time.
-const REPLAY_PAGE = 500
-
 function resumeId (value: string | string[] | undefined): EventId | undefined {
   if (value === undefined) return undefined
   const id = typeof value === 'string' ? parseEventId(value.trim()) : undefined
@@ -32,113 +29,7 @@ function resumeId (value: string | string[] | undefined): EventId | undefined {
   return id
 }
 
-/**
- * Where a stream starts: after the id it resumes from, or at the log's head.
- * An id the log no longer holds (pruned), or never held (beyond the head,
- * e.g. from another database), or drawn on a timeline the log forked away
- * from, is answered with a `gateway/missed` event
- * and the stream starts from what the log has.
- */
-function startPosition (resumeFrom: number | undefined, bounds: LogBounds): { after: number, missed: boolean } {
-  if (resumeFrom === undefined) return { after: bounds.head, missed: false }
-  // An id from a timeline the log no longer follows (a failover lost it):
-  // the stream goes on from the last event kept before the fork.
-  if (bounds.forkedAfter !== undefined) return { after: bounds.forkedAfter, missed: true }
-  if (resumeFrom > bounds.head) return { after: bounds.head, missed: true }
-  if (resumeFrom < bounds.prunedThrough) return { after: bounds.prunedThrough, missed: true }
-  return { after: resumeFrom, missed: false }
-}
-
-async function replayLog (app: FastifyInstance, stream: EventStream, channels: readonly string[], after: number): Promise<number> {
-  let count = 0
-  let position = after
-  for (;;) {
-    const { prunedThrough, events: rows } = await readReplayPage(app.pg.pool, channels, position, REPLAY_PAGE)
-    // Retention pruned past the position since the bounds (or the previous
-    // page) were read: the events in between are gone. Say so, as for a
-    // pruned Last-Event-ID, rather than skip them silently.
-    if (prunedThrough > position) {
-      stream.replay(Buffer.from(encodeEvent({
-        event: GATEWAY_EVENTS.missed,
-        data: JSON.stringify({ lastEventId: String(position), resumedAfter: String(prunedThrough) })
-      })), prunedThrough)
-      position = prunedThrough
-    }
-    for (const row of rows) {
-      position = Number(row.id)
-      stream.replay(Buffer.from(encodeEvent({ id: row.id, event: row.channel, data: row.payload })), position)
-    }
-    count += rows.length
-    if (rows.length < REPLAY_PAGE || stream.ended) return count
-    // Respect the client's pace: never read the log faster than it takes it.
-    await stream.drained()
-  }
-}
-
-// setTimeout takes at most 2^31 - 1 ms (24.8 days); a later expiry re-arms.
-const MAX_TIMER_MS = 2 ** 31 - 1
-
-function endExpired (stream: EventStream): void {
-  stream.write(Buffer.from(encodeEvent({
-    event: GATEWAY_EVENTS.expired,
-    data: JSON.stringify({ reason: 'the token expired: reconnect with a fresh one' })
-  })))
-  stream.end().catch(() => {})
-}
-
-/**
- * Ends each stream when its token's `exp` (whole seconds) passes. Streams
- * whose tokens expire in the same second share one timer: a Timeout and its
- * closures per stream would cost more than the stream's own state.
- */
-class ExpiryTimers {
-  readonly #due = new Map<number, { streams: Set<EventStream>, timer: NodeJS.Timeout }>()
-
-  add (stream: EventStream, exp: number): void {
-    if (exp * 1000 <= Date.now()) {
-      endExpired(stream)
-      return
-    }
-    let bucket = this.#due.get(exp)
-    if (bucket === undefined) {
-      bucket = { streams: new Set(), timer: this.#arm(exp) }
-      this.#due.set(exp, bucket)
-    }
-    bucket.streams.add(stream)
-  }
-
-  delete (stream: EventStream, exp: number): void {
-    const bucket = this.#due.get(exp)
-    if (bucket === undefined || !bucket.streams.delete(stream)) return
-    if (bucket.streams.size === 0) {
-      clearTimeout(bucket.timer)
-      this.#due.delete(exp)
-    }
-  }
-
-  #arm (exp: number): NodeJS.Timeout {
-    return setTimeout(() => {
-      const bucket = this.#due.get(exp)
-      if (bucket === undefined) return
-      if (exp * 1000 > Date.now()) {
-        bucket.timer = this.#arm(exp)
-        return
-      }
-      this.#due.delete(exp)
-      for (const stream of bucket.streams) endExpired(stream)
-    }, Math.min(exp * 1000 - Date.now(), MAX_TIMER_MS))
-  }
-}
-
 const LISTENER_DOWN = 'the gateway cannot listen to the database right now; retry shortly'
-
-/**
- * The `retry:` a stream advises, drawn from [ms, 2 × ms): after a restart
- * its clients come back spread over that span instead of in one burst.
- */
-export function jittered (ms: number, random: () => number = Math.random): number {
-  return Math.floor(ms * (1 + random()))
-}
 
 /**
  * Answers a stream request that cannot be served now but may be soon (the
@@ -219,7 +110,6 @@ const BatchBody = Type.Object({
 
 export default async function eventsRoutes (app: FastifyInstance, { config }: EventsRoutesOptions): Promise<void> {
   const routes = app.withTypeProvider<TypeBoxTypeProvider>()
-  const expiries = new ExpiryTimers()
   // A batch is UTF-8 JSON: invalid bytes are refused, not replaced by U+FFFD;
   // each event's data is kept as the client's JSON text.
   app.removeContentTypeParser(['application/json', 'text/plain'])
@@ -260,21 +150,13 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
     // set-up had reached; the set-up stops at the next step once it has.
     let closed = false
     let releaseSlot: (() => void) | undefined
-    let unsubscribe: (() => void) | undefined
-    let claims: Awaited<ReturnType<typeof app.authorize>>
-    let stream: EventStream | undefined
-    let bounds: LogBounds
+    let prepared: PreparedStream | undefined
     // Idempotent, so `on` rather than `once`, whose wrapper every stream would keep.
     reply.raw.on('close', () => {
       closed = true
       unmarkStreamConnection(request.raw)
       releaseSlot?.()
-      unsubscribe?.()
-      if (stream !== undefined) {
-        // Both are no-ops for a stream that never went live.
-        if (claims?.exp !== undefined) expiries.delete(stream, claims.exp)
-        app.streams.delete(stream)
-      }
+      if (prepared !== undefined) app.streamCore.close(prepared)
     })
 
     try {
@@ -283,10 +165,11 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
       // Checked before the token too, so that a ticket is not spent on a
       // stream that cannot be opened now.
       if (app.listener.state === 'disconnected' || app.listener.state === 'closed') throw new UnavailableError(LISTENER_DOWN)
-      claims = await app.authorize(request, 'subscribe', channels)
+      const claims = await app.authorize(request, 'subscribe', channels)
       if (closed) return reply.hijack()
-      stream = new EventStream(reply.raw, {
+      const stream = new EventStream(reply.raw, {
         maxBufferedBytes: config.STREAM_BUFFER_BYTES,
+        line: app.flushLine,
         tally: app.metrics.streamTally,
         onCutOff: (droppedFrames) => {
           app.metrics.streamsCutOff.inc()
@@ -295,61 +178,31 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
         }
       })
       try {
-        unsubscribe = await app.hub.subscribe(channels, stream)
-      } catch {
-        throw new UnavailableError(LISTENER_DOWN)
-      }
-      if (closed) {
-        unsubscribe()
-        return reply.hijack()
-      }
-      try {
-        // Read after the LISTENs took effect: whatever commits later arrives live.
-        bounds = await readLogBounds(app.pg.pool, resumeFrom)
-      } catch {
-        throw new UnavailableError('the event log cannot be read right now; retry shortly')
+        prepared = await app.streamCore.prepare(stream, { channels, resumeFrom, expiresAt: claims?.exp })
+      } catch (err) {
+        throw err instanceof StreamUnavailableError ? new UnavailableError(err.message) : err
       }
     } catch (err) {
       return retryLater(request, reply, err as FastifyError, config.RETRY_MS)
     }
-    // The response was destroyed and its 'close' is still to come: that
-    // releases what was taken.
-    if (closed || reply.raw.destroyed) return reply.hijack()
+    // The response closed meanwhile (its 'close' released what was taken),
+    // or was destroyed and its 'close' is still to come.
+    if (closed || reply.raw.destroyed) {
+      app.streamCore.close(prepared)
+      return reply.hijack()
+    }
 
-    const start = startPosition(resumeFrom, bounds)
-    stream.startAfter(start.after)
     // The stream begins only now, with its channels LISTENed: an event
     // committed after the client sees the response is never missed.
     reply.hijack()
-    const exp = claims?.exp
-    app.streams.add(stream)
-    let preamble = encodeRetry(jittered(config.RETRY_MS)) + encodeEvent({
-      id: String(start.after),
-      event: GATEWAY_EVENTS.open,
-      data: JSON.stringify({ lastEventId: String(start.after), head: String(bounds.head) })
-    })
-    if (start.missed) {
-      preamble += encodeEvent({
-        event: GATEWAY_EVENTS.missed,
-        data: JSON.stringify({ lastEventId: String(resumeFrom), resumedAfter: String(start.after) })
-      })
+    const headers = { ...reply.getHeaders() as OutgoingHttpHeaders, ...EVENT_STREAM_HEADERS }
+    const stream = prepared.subscriber.writer as EventStream
+    try {
+      await app.streamCore.begin(prepared, (preamble) => stream.open(headers, preamble))
+    } catch (err) {
+      // The client reconnects with the last id it got, and resumes.
+      request.log.warn({ err: { message: (err as Error).message } }, 'replay failed; ending the stream')
     }
-    stream.open({ ...reply.getHeaders() as OutgoingHttpHeaders, ...EVENT_STREAM_HEADERS }, preamble)
-    // The stream lives no longer than its token: the client reconnects with a fresh one.
-    if (exp !== undefined) expiries.add(stream, exp)
-
-    if (start.after < bounds.head) {
-      try {
-        const replayed = await replayLog(app, stream, channels, start.after)
-        app.metrics.eventsReplayed.inc(replayed)
-      } catch (err) {
-        // The client reconnects with the last id it got, and resumes.
-        request.log.warn({ err: { message: (err as Error).message } }, 'replay failed; ending the stream')
-        stream.end().catch(() => {})
-        return reply
-      }
-    }
-    stream.release()
     return reply
   })
 
