@@ -8,6 +8,7 @@ import type { GatewayConfig } from './config.js'
 import { OverloadedError } from './errors.js'
 import { migrate } from './event-log.js'
 import authPlugin from './plugins/auth.js'
+import bodyParsersPlugin from './plugins/body-parsers.js'
 import gatewayPlugin from './plugins/gateway.js'
 import metricsPlugin from './plugins/metrics.js'
 import publisherPlugin from './plugins/publisher.js'
@@ -209,16 +210,6 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
   // to it then: that would end the process. Its query's caller handles it.
   app.pg.pool.on('connect', (client) => client.on('error', ignoreClientError))
 
-  // A publish waits for its group no longer than for a pool connection; a
-  // group is stalled once publishes behind it fail so, or once the server
-  // would have cancelled it had it been heard.
-  await app.register(publisherPlugin, {
-    maxEvents: config.MAX_BATCH_EVENTS,
-    maxBytes: config.MAX_BATCH_BYTES,
-    maxWaitMs: POOL_CONNECTION_TIMEOUT_MS,
-    stalledAfterMs: Math.min(POOL_CONNECTION_TIMEOUT_MS, statementTimeoutMs)
-  })
-
   const client = await app.pg.connect()
   try {
     await migrate(client)
@@ -249,6 +240,15 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
     maxTokenLifetimeSeconds: config.MAX_TOKEN_LIFETIME_SECONDS,
     clockToleranceSeconds: config.CLOCK_TOLERANCE_SECONDS
   })
+  // A publish waits for its group no longer than for a pool connection; a
+  // group is stalled once publishes behind it fail so, or once the server
+  // would have cancelled it had it been heard.
+  await app.register(publisherPlugin, {
+    maxEvents: config.MAX_BATCH_EVENTS,
+    maxBytes: config.MAX_BATCH_BYTES,
+    maxWaitMs: POOL_CONNECTION_TIMEOUT_MS,
+    stalledAfterMs: Math.min(POOL_CONNECTION_TIMEOUT_MS, statementTimeoutMs)
+  })
   await app.register(securityPlugin, {
     corsOrigins: config.corsOrigins,
     maxUrlBytes: config.MAX_URL_BYTES,
@@ -257,6 +257,7 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
     publishRateMax: config.PUBLISH_RATE_MAX,
     publishRateWindowMs: config.PUBLISH_RATE_WINDOW_MS
   })
+  await app.register(bodyParsersPlugin)
   // After the security plugin: its headers and limits cover the static files too.
   await app.register(fastifyStatic, { root: PUBLIC_DIR })
   await app.register(gatewayPlugin, { connectionString: config.DATABASE_URL, config })

@@ -2,8 +2,8 @@ import { Type, type TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyInstance } from 'fastify'
 import type { GatewayConfig } from '../config.js'
 import { BadRequestError, UnavailableError } from '../errors.js'
+import { checkChannelNames } from '../channel.js'
 import { issueTicket } from '../tickets.js'
-import { checkChannelNames } from './publishing.js'
 import { API_ROUTE } from '../plugins/security.js'
 
 export interface TicketsRoutesOptions {
