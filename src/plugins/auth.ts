@@ -45,9 +45,20 @@ declare module 'fastify' {
      * Runs `check`, which authenticates the request, unless the client's
      * address has used up its failed attempts (429 with Retry-After, before
      * anything is checked); a 401 from `check` counts as one failure.
-     * `authorize` goes through it; so does the operator's check.
+     * `authorize` and `authorizeOperator` go through it.
      */
     attemptAuthentication<T> (request: FastifyRequest, check: () => Promise<T>): Promise<T>
+    /**
+     * The operator's views of this instance (GET /status, GET /metrics, the
+     * status stream) need a token with `"admin": true` (`npm run token --
+     * --admin`) in the Authorization header, never in a URL or a cookie:
+     * channel names, and how many streams, channels and events there are,
+     * say more than a client should learn. Verified as a channel token is,
+     * failed attempts counted as for `authorize`. Throws 401 for a missing,
+     * invalid or expired token, 403 for one without the claim; resolves
+     * with its claims.
+     */
+    authorizeOperator (request: FastifyRequest): Promise<GatewayClaims>
     /**
      * The stable identity of the request's token (see tokenIdentity), or
      * undefined for a request without a valid token (none, a ticket, one
@@ -243,6 +254,19 @@ export default fp<AuthPluginOptions>(async function authPlugin (app, options) {
     return claims
   }
 
+  // Every token, channel or operator, is verified here: signature and
+  // claims by fast-jwt, then its times. Throws 401.
+  function verifiedClaims (token: string): GatewayClaims {
+    let claims: GatewayClaims
+    try {
+      claims = app.jwt.verify<GatewayClaims>(token)
+    } catch (err) {
+      // fast-jwt's own messages are fine, but ours never risk echoing input.
+      throw new UnauthorizedError(errorMessages[(err as { code?: string }).code ?? ''] ?? 'the token is invalid')
+    }
+    return checkTokenTimes(claims, Date.now(), maxTokenLifetimeSeconds, clockToleranceSeconds)
+  }
+
   async function checkChannels (request: FastifyRequest, action: ChannelAction, wanted: readonly string[]): Promise<GatewayClaims> {
     const found = findToken(request, cookieName)
     if (found === undefined || found.token === '') {
@@ -252,14 +276,7 @@ export default fp<AuthPluginOptions>(async function authPlugin (app, options) {
       throw new ForbiddenError('a request authenticated by cookie must come from an allowed Origin')
     }
     if (isTicket(found.token)) return await ticketClaims(request, found.token, action, wanted)
-    let claims: GatewayClaims
-    try {
-      claims = app.jwt.verify<GatewayClaims>(found.token)
-    } catch (err) {
-      // fast-jwt's own messages are fine, but ours never risk echoing input.
-      throw new UnauthorizedError(errorMessages[(err as { code?: string }).code ?? ''] ?? 'the token is invalid')
-    }
-    claims = checkTokenTimes(claims, Date.now(), maxTokenLifetimeSeconds, clockToleranceSeconds)
+    const claims = verifiedClaims(found.token)
     const allowed = ChannelPatterns.fromClaim(claims[action])
     const denied = wanted.filter((c) => !allowed.matches(c) && !(action === 'subscribe' && publicChannels.matches(c)))
     if (denied.length > 0) {
@@ -298,6 +315,18 @@ export default fp<AuthPluginOptions>(async function authPlugin (app, options) {
     // failures may still read them.
     if (action === 'subscribe' && publicChannels.matchesAll(wanted)) return null
     return await app.attemptAuthentication(request, async () => await checkChannels(request, action, wanted))
+  })
+
+  app.decorate('authorizeOperator', async function authorizeOperator (request: FastifyRequest): Promise<GatewayClaims> {
+    return await app.attemptAuthentication(request, async () => {
+      const found = findToken(request, cookieName)
+      if (found?.source !== 'header' || found.token === '') {
+        throw new UnauthorizedError('this needs an operator token: send Authorization: Bearer <token>')
+      }
+      const claims = verifiedClaims(found.token)
+      if (claims.admin !== true) throw new ForbiddenError('this needs a token with "admin": true')
+      return claims
+    })
   })
 
   // Rate limits ask for it before the route checks the token, and the

@@ -4,7 +4,6 @@ import type { GatewayConfig } from '../config.js'
 import { ForbiddenError, UnauthorizedError, UnavailableError } from '../errors.js'
 import { API_ROUTE } from '../plugins/security.js'
 import { isTicket, issueTicket, redeemTicket } from '../tickets.js'
-import { authorizeOperator } from './status.js'
 
 export interface StatusStreamRoutesOptions {
   config: GatewayConfig
@@ -188,9 +187,13 @@ async function authorizeStream (app: FastifyInstance, request: FastifyRequest): 
   const query = request.query as Record<string, unknown>
   const ticket = query.access_token
   if (request.headers.authorization !== undefined || typeof ticket !== 'string') {
-    await authorizeOperator(request)
-    return { expiresAt: request.user.exp }
+    return { expiresAt: (await app.authorizeOperator(request)).exp }
   }
+  // Failed attempts count against the address, as on every other route.
+  return await app.attemptAuthentication(request, async () => await redeemOperatorTicket(app, request, ticket))
+}
+
+async function redeemOperatorTicket (app: FastifyInstance, request: FastifyRequest, ticket: string): Promise<OperatorGrant> {
   if (!isTicket(ticket)) {
     throw new UnauthorizedError('put no token in a URL: trade it for a ticket at POST /status/tickets, or send Authorization: Bearer <token>')
   }
@@ -253,9 +256,7 @@ export default async function statusStreamRoutes (app: FastifyInstance, { config
     helmet: API_ROUTE.helmet,
     onRequest: [API_ROUTE.onRequest, app.ticketRateLimit]
   }, async (request, reply) => {
-    // Failed attempts count against the address, as on every other route.
-    await app.attemptAuthentication(request, async () => { await authorizeOperator(request) })
-    const { sub, exp } = request.user
+    const { sub, exp } = await app.authorizeOperator(request)
     let ticket: string
     try {
       ticket = await issueTicket(app.pg.pool, { channels: [OPERATOR_GRANT], subject: sub, tokenExpiresAt: exp }, config.TICKET_TTL_SECONDS)
@@ -268,7 +269,7 @@ export default async function statusStreamRoutes (app: FastifyInstance, { config
   })
 
   app.get('/status/stream', { ...API_ROUTE }, async (request, reply) => {
-    const grant = await app.attemptAuthentication(request, async () => await authorizeStream(app, request))
+    const grant = await authorizeStream(app, request)
     if (open.size >= MAX_STATUS_STREAMS) throw new UnavailableError(`at most ${MAX_STATUS_STREAMS} status streams may be open at once`)
     // A client gone while its ticket was checked: its 'close' has passed,
     // and a stream set up now would never be released.
