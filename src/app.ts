@@ -260,7 +260,21 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
   await app.register(bodyParsersPlugin)
   // After the security plugin: its headers and limits cover the static files too.
   await app.register(fastifyStatic, { root: PUBLIC_DIR })
-  await app.register(gatewayPlugin, { connectionString: config.DATABASE_URL, config })
+  await app.register(gatewayPlugin, {
+    listener: {
+      connectionString: config.DATABASE_URL,
+      livenessIntervalMs: config.LISTENER_LIVENESS_INTERVAL_MS,
+      livenessTimeoutMs: config.LISTENER_LIVENESS_TIMEOUT_MS,
+      reconnectDelayMaxMs: config.LISTENER_RECONNECT_MAX_MS
+    },
+    heartbeatMs: config.HEARTBEAT_MS,
+    retention: {
+      maxAgeSeconds: config.RETENTION_MAX_AGE_SECONDS,
+      maxEvents: config.RETENTION_MAX_EVENTS,
+      idempotencyWindowSeconds: config.IDEMPOTENCY_WINDOW_SECONDS,
+      intervalMs: config.RETENTION_INTERVAL_MS
+    }
+  })
 
   await app.register(healthRoutes)
   await app.register(eventsRoutes, { config })
