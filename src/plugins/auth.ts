@@ -7,7 +7,7 @@ import { ChannelPatterns } from '../channel.js'
 import type { JwtAlgorithm } from '../config.js'
 import { ForbiddenError, TooManyRequestsError, UnauthorizedError, UnavailableError } from '../errors.js'
 import { FailedAttempts } from '../failed-attempts.js'
-import { isTicket, redeemTicket } from '../tickets.js'
+import { isTicket, redeemTicket, type TicketGrant } from '../tickets.js'
 
 export type ChannelAction = 'publish' | 'subscribe'
 
@@ -59,6 +59,13 @@ declare module 'fastify' {
      * with its claims.
      */
     authorizeOperator (request: FastifyRequest): Promise<GatewayClaims>
+    /**
+     * Redeems a ticket (once: it is spent): 401 when it is invalid, expired
+     * or already used, or the token it was issued for has expired; 503 when
+     * the database cannot say. Resolves with its grant, whose channels the
+     * caller checks. Failed attempts are the caller's to count.
+     */
+    useTicket (request: FastifyRequest, ticket: string): Promise<TicketGrant>
     /**
      * The stable identity of the request's token (see tokenIdentity), or
      * undefined for a request without a valid token (none, a ticket, one
@@ -227,11 +234,7 @@ export default fp<AuthPluginOptions>(async function authPlugin (app, options) {
     }
   })
 
-  async function ticketClaims (request: FastifyRequest, ticket: string, action: ChannelAction, wanted: readonly string[]): Promise<GatewayClaims> {
-    // Not for publishing, nor for buying another ticket (which would outlive it).
-    if (action !== 'subscribe' || request.method !== 'GET') {
-      throw new UnauthorizedError('a ticket only opens a stream: use a token here')
-    }
+  app.decorate('useTicket', async function useTicket (request: FastifyRequest, ticket: string): Promise<TicketGrant> {
     let grant
     try {
       grant = await redeemTicket(app.pg.pool, ticket)
@@ -243,6 +246,15 @@ export default fp<AuthPluginOptions>(async function authPlugin (app, options) {
     if (grant.tokenExpiresAt !== undefined && grant.tokenExpiresAt * 1000 <= Date.now()) {
       throw new UnauthorizedError('the token the ticket was issued for has expired')
     }
+    return grant
+  })
+
+  async function ticketClaims (request: FastifyRequest, ticket: string, action: ChannelAction, wanted: readonly string[]): Promise<GatewayClaims> {
+    // Not for publishing, nor for buying another ticket (which would outlive it).
+    if (action !== 'subscribe' || request.method !== 'GET') {
+      throw new UnauthorizedError('a ticket only opens a stream: use a token here')
+    }
+    const grant = await app.useTicket(request, ticket)
     const granted = new Set(grant.channels)
     const denied = wanted.filter((c) => !granted.has(c) && !publicChannels.matches(c))
     if (denied.length > 0) {

@@ -3,7 +3,7 @@ import { FastifySSEPlugin } from 'fastify-sse-v2'
 import type { GatewayConfig } from '../config.js'
 import { ForbiddenError, UnauthorizedError, UnavailableError } from '../errors.js'
 import { API_ROUTE } from '../plugins/security.js'
-import { isTicket, issueTicket, redeemTicket } from '../tickets.js'
+import { isTicket, issueTicket } from '../tickets.js'
 
 export interface StatusStreamRoutesOptions {
   config: GatewayConfig
@@ -197,18 +197,8 @@ async function redeemOperatorTicket (app: FastifyInstance, request: FastifyReque
   if (!isTicket(ticket)) {
     throw new UnauthorizedError('put no token in a URL: trade it for a ticket at POST /status/tickets, or send Authorization: Bearer <token>')
   }
-  let grant
-  try {
-    grant = await redeemTicket(app.pg.pool, ticket)
-  } catch (err) {
-    request.log.error({ err: { message: (err as Error).message } }, 'redeeming an operator ticket failed')
-    throw new UnavailableError('the ticket cannot be checked right now; retry shortly')
-  }
-  if (grant === null) throw new UnauthorizedError('the ticket is invalid, expired or already used')
+  const grant = await app.useTicket(request, ticket)
   if (!grant.channels.includes(OPERATOR_GRANT)) throw new ForbiddenError('this ticket opens channel streams, not the status: get one at POST /status/tickets')
-  if (grant.tokenExpiresAt !== undefined && grant.tokenExpiresAt * 1000 <= Date.now()) {
-    throw new UnauthorizedError('the token the ticket was issued for has expired')
-  }
   return { expiresAt: grant.tokenExpiresAt }
 }
 
