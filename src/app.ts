@@ -278,9 +278,9 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
 
   await app.register(healthRoutes)
   await app.register(eventsRoutes, { config })
-  await app.register(channelsRoutes, { config })
-  await app.register(statusRoutes, { config })
-  await app.register(statusStreamRoutes, { config })
-  await app.register(ticketsRoutes, { config })
+  await app.register(channelsRoutes, { maxPayloadBytes: config.MAX_PAYLOAD_BYTES })
+  await app.register(statusRoutes, { retention: { maxAgeSeconds: config.RETENTION_MAX_AGE_SECONDS, maxEvents: config.RETENTION_MAX_EVENTS } })
+  await app.register(statusStreamRoutes, { retryMs: config.RETRY_MS, poolSize: config.PG_POOL_SIZE, ticketTtlSeconds: config.TICKET_TTL_SECONDS })
+  await app.register(ticketsRoutes, { maxChannels: config.MAX_CHANNELS_PER_STREAM, ticketTtlSeconds: config.TICKET_TTL_SECONDS })
   return app
 }

@@ -1,19 +1,19 @@
 import { Type, type TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyInstance } from 'fastify'
-import type { GatewayConfig } from '../config.js'
 import { checkChannelNames } from '../channel.js'
 import { checkPayload } from '../payload.js'
 import { API_ROUTE } from '../plugins/security.js'
 
 export interface ChannelsRoutesOptions {
-  config: GatewayConfig
+  /** MAX_PAYLOAD_BYTES: the largest payload, in UTF-8 bytes. */
+  maxPayloadBytes: number
 }
 
 const ChannelParams = Type.Object({ channel: Type.String() })
 
-export default async function channelsRoutes (app: FastifyInstance, { config }: ChannelsRoutesOptions): Promise<void> {
+export default async function channelsRoutes (app: FastifyInstance, { maxPayloadBytes }: ChannelsRoutesOptions): Promise<void> {
   app.withTypeProvider<TypeBoxTypeProvider>().post('/channels/:channel', {
-    bodyLimit: config.MAX_PAYLOAD_BYTES,
+    bodyLimit: maxPayloadBytes,
     helmet: API_ROUTE.helmet,
     onRequest: [API_ROUTE.onRequest, app.publishRateLimit],
     // The payload is the body as sent: JSON is checked, then kept as text.
@@ -24,7 +24,7 @@ export default async function channelsRoutes (app: FastifyInstance, { config }: 
     checkChannelNames([channel])
     await app.authorize(request, 'publish', [channel])
     const payload = typeof request.body === 'string' ? request.body : ''
-    checkPayload(payload, config.MAX_PAYLOAD_BYTES, 'the payload')
+    checkPayload(payload, maxPayloadBytes, 'the payload')
     const [id] = await app.publishAll(request, [{ channel, payload }])
     reply.code(201)
     return { id, channel }

@@ -1,12 +1,16 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import { FastifySSEPlugin } from 'fastify-sse-v2'
-import type { GatewayConfig } from '../config.js'
 import { ForbiddenError, UnauthorizedError, UnavailableError } from '../errors.js'
 import { API_ROUTE } from '../plugins/security.js'
 import { isTicket, issueTicket } from '../tickets.js'
 
 export interface StatusStreamRoutesOptions {
-  config: GatewayConfig
+  /** RETRY_MS: the reconnection delay a dashboard's EventSource is given. */
+  retryMs: number
+  /** PG_POOL_SIZE: the pool's size, as a sample reports it. */
+  poolSize: number
+  /** TICKET_TTL_SECONDS: how long an operator ticket may wait to be used. */
+  ticketTtlSeconds: number
 }
 
 /**
@@ -211,7 +215,7 @@ const MAX_TIMEOUT_MS = 2 ** 31 - 1
  * package our user named for streams). POST /status/tickets: an operator
  * token traded for a single-use ticket that opens it from a browser.
  */
-export default async function statusStreamRoutes (app: FastifyInstance, { config }: StatusStreamRoutesOptions): Promise<void> {
+export default async function statusStreamRoutes (app: FastifyInstance, { retryMs, poolSize, ticketTtlSeconds }: StatusStreamRoutesOptions): Promise<void> {
   // fastify-sse-v2 4.2.2 fits here, and only here, because what we send
   // cannot reach its limits (README "Choices worth knowing"):
   // - it drops an event whose data is empty (`if (chunk.data)`), and splits
@@ -230,9 +234,9 @@ export default async function statusStreamRoutes (app: FastifyInstance, { config
   //   (`node --import tsx bench/sse-v2.ts`: 1,000 clients × 200 events over
   //   loopback): nothing at one event a second to a few operators, too much
   //   for /events.
-  await app.register(FastifySSEPlugin, { retryDelay: config.RETRY_MS })
+  await app.register(FastifySSEPlugin, { retryDelay: retryMs })
 
-  const sampler = new StatusSampler(app, config.PG_POOL_SIZE)
+  const sampler = new StatusSampler(app, poolSize)
   const open = new Set<AbortController>()
 
   app.addHook('preClose', async () => {
@@ -249,13 +253,13 @@ export default async function statusStreamRoutes (app: FastifyInstance, { config
     const { sub, exp } = await app.authorizeOperator(request)
     let ticket: string
     try {
-      ticket = await issueTicket(app.pg.pool, { channels: [OPERATOR_GRANT], subject: sub, tokenExpiresAt: exp }, config.TICKET_TTL_SECONDS)
+      ticket = await issueTicket(app.pg.pool, { channels: [OPERATOR_GRANT], subject: sub, tokenExpiresAt: exp }, ticketTtlSeconds)
     } catch (err) {
       request.log.error({ err: { message: (err as Error).message } }, 'issuing an operator ticket failed')
       throw new UnavailableError('the ticket could not be issued; retry shortly')
     }
     reply.code(201)
-    return { ticket, expiresIn: config.TICKET_TTL_SECONDS }
+    return { ticket, expiresIn: ticketTtlSeconds }
   })
 
   app.get('/status/stream', { ...API_ROUTE }, async (request, reply) => {

@@ -1,16 +1,16 @@
 import type { FastifyInstance } from 'fastify'
-import type { GatewayConfig } from '../config.js'
 import { UnavailableError } from '../errors.js'
-import { type LogBounds, readLogBounds } from '../event-log.js'
+import { type LogBounds, readLogBounds, type RetentionPolicy } from '../event-log.js'
 import { pollingLogLevel } from '../logging.js'
 import { API_ROUTE } from '../plugins/security.js'
 
 export interface StatusRoutesOptions {
-  config: GatewayConfig
+  /** What the event log keeps, as GET /status reports it. */
+  retention: Pick<RetentionPolicy, 'maxAgeSeconds' | 'maxEvents'>
 }
 
 /** GET /status and GET /metrics: the operator's views (app.authorizeOperator). */
-export default async function statusRoutes (app: FastifyInstance, { config }: StatusRoutesOptions): Promise<void> {
+export default async function statusRoutes (app: FastifyInstance, { retention }: StatusRoutesOptions): Promise<void> {
   const startedAt = new Date()
 
   // Prometheus scrapes with the operator token as its bearer token.
@@ -51,7 +51,7 @@ export default async function statusRoutes (app: FastifyInstance, { config }: St
       log: {
         head: String(log.head),
         prunedThrough: String(log.prunedThrough),
-        retention: { maxAgeSeconds: config.RETENTION_MAX_AGE_SECONDS, maxEvents: config.RETENTION_MAX_EVENTS }
+        retention: { maxAgeSeconds: retention.maxAgeSeconds, maxEvents: retention.maxEvents }
       }
     }
   })
