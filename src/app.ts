@@ -9,6 +9,7 @@ import type { GatewayConfig } from './config.js'
 import { OverloadedError } from './errors.js'
 import { migrate } from './event-log.js'
 import authPlugin from './plugins/auth.js'
+import bodyParsersPlugin from './plugins/body-parsers.js'
 import gatewayPlugin from './plugins/gateway.js'
 import metricsPlugin from './plugins/metrics.js'
 import publisherPlugin from './plugins/publisher.js'
@@ -248,16 +249,6 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
   // to it then: that would end the process. Its query's caller handles it.
   app.pg.pool.on('connect', (client) => client.on('error', ignoreClientError))
 
-  // A publish waits for its group no longer than for a pool connection; a
-  // group is stalled once publishes behind it fail so, or once the server
-  // would have cancelled it had it been heard.
-  await app.register(publisherPlugin, {
-    maxEvents: config.MAX_BATCH_EVENTS,
-    maxBytes: config.MAX_BATCH_BYTES,
-    maxWaitMs: POOL_CONNECTION_TIMEOUT_MS,
-    stalledAfterMs: Math.min(POOL_CONNECTION_TIMEOUT_MS, statementTimeoutMs)
-  })
-
   const client = await app.pg.connect()
   try {
     await migrate(client)
@@ -288,6 +279,15 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
     maxTokenLifetimeSeconds: config.MAX_TOKEN_LIFETIME_SECONDS,
     clockToleranceSeconds: config.CLOCK_TOLERANCE_SECONDS
   })
+  // A publish waits for its group no longer than for a pool connection; a
+  // group is stalled once publishes behind it fail so, or once the server
+  // would have cancelled it had it been heard.
+  await app.register(publisherPlugin, {
+    maxEvents: config.MAX_BATCH_EVENTS,
+    maxBytes: config.MAX_BATCH_BYTES,
+    maxWaitMs: POOL_CONNECTION_TIMEOUT_MS,
+    stalledAfterMs: Math.min(POOL_CONNECTION_TIMEOUT_MS, statementTimeoutMs)
+  })
   await app.register(securityPlugin, {
     corsOrigins: config.corsOrigins,
     maxUrlBytes: config.MAX_URL_BYTES,
@@ -296,15 +296,31 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
     publishRateMax: config.PUBLISH_RATE_MAX,
     publishRateWindowMs: config.PUBLISH_RATE_WINDOW_MS
   })
+  await app.register(bodyParsersPlugin)
   // After the security plugin: its headers and limits cover the static files too.
   await app.register(fastifyStatic, { root: PUBLIC_DIR })
-  await app.register(gatewayPlugin, { connectionString: config.DATABASE_URL, config })
+  await app.register(gatewayPlugin, {
+    listener: {
+      connectionString: config.DATABASE_URL,
+      livenessIntervalMs: config.LISTENER_LIVENESS_INTERVAL_MS,
+      livenessTimeoutMs: config.LISTENER_LIVENESS_TIMEOUT_MS,
+      reconnectDelayMaxMs: config.LISTENER_RECONNECT_MAX_MS
+    },
+    heartbeatMs: config.HEARTBEAT_MS,
+    streams: { maxHeldBytes: config.STREAM_BUFFER_BYTES, retryMs: config.RETRY_MS },
+    retention: {
+      maxAgeSeconds: config.RETENTION_MAX_AGE_SECONDS,
+      maxEvents: config.RETENTION_MAX_EVENTS,
+      idempotencyWindowSeconds: config.IDEMPOTENCY_WINDOW_SECONDS,
+      intervalMs: config.RETENTION_INTERVAL_MS
+    }
+  })
 
   await app.register(healthRoutes)
   await app.register(eventsRoutes, { config })
-  await app.register(channelsRoutes, { config })
-  await app.register(statusRoutes, { config })
-  await app.register(statusStreamRoutes, { config })
-  await app.register(ticketsRoutes, { config })
+  await app.register(channelsRoutes, { maxPayloadBytes: config.MAX_PAYLOAD_BYTES })
+  await app.register(statusRoutes, { retention: { maxAgeSeconds: config.RETENTION_MAX_AGE_SECONDS, maxEvents: config.RETENTION_MAX_EVENTS } })
+  await app.register(statusStreamRoutes, { retryMs: config.RETRY_MS, poolSize: config.PG_POOL_SIZE, ticketTtlSeconds: config.TICKET_TTL_SECONDS })
+  await app.register(ticketsRoutes, { maxChannels: config.MAX_CHANNELS_PER_STREAM, ticketTtlSeconds: config.TICKET_TTL_SECONDS })
   return app
 }

@@ -1,3 +1,5 @@
+import { InvalidChannelError } from './errors.js'
+
 // Channel names are the identifiers used in LISTEN/NOTIFY. We accept a
 // conservative ASCII set so a name is the same bytes in a URL, a JWT claim,
 // an SSE `event:` field and a quoted SQL identifier (63 bytes is
@@ -9,6 +11,15 @@ export const CHANNEL_NAME_RULE = '1 to 63 characters of A-Z a-z 0-9 _ . : -'
 
 export function isChannelName (name: string): boolean {
   return CHANNEL_NAME.test(name)
+}
+
+/** Throws InvalidChannelError (400) for the first name that is not a channel name. */
+export function checkChannelNames (channels: Iterable<string>): void {
+  for (const channel of channels) {
+    if (!isChannelName(channel)) {
+      throw new InvalidChannelError(`invalid channel name ${JSON.stringify(channel)}: use ${CHANNEL_NAME_RULE}`)
+    }
+  }
 }
 
 /**

@@ -1,5 +1,5 @@
 import pg from 'pg'
-import { type EventToPublish, publishBatch } from './event-log.js'
+import { type EventToPublish, type IdempotencyKey, type PublishResult, publishBatch, publishEvents } from './event-log.js'
 
 /*
  * Why publishes are committed in groups.
@@ -135,8 +135,10 @@ export class GroupPublisher {
   #expiryTimer: NodeJS.Timeout | undefined
   #waiting: PendingPublish[] = []
   #committing = false
+  // Idempotent publishes under way, each in a transaction of its own.
+  #alone = 0
   #groups = 0
-  // drain()'s waiters, told when no group commits and none waits.
+  // drain()'s waiters, told when no group commits, none waits and none goes alone.
   #idle: Array<() => void> = []
   // When the group now committing asked for its connection (performance.now()).
   #sentAt: number | undefined
@@ -193,12 +195,37 @@ export class GroupPublisher {
     return published
   }
 
+  /**
+   * Publishes the events with an idempotency key (publishEvents): in a
+   * transaction of their own, never grouped, since the key is claimed in
+   * it. Rejects with IdempotencyConflictError for the same key with other
+   * events. drain() waits for it as for a grouped publish.
+   */
+  publishIdempotent (events: readonly EventToPublish[], idempotency: IdempotencyKey): Promise<PublishResult> {
+    const published = publishEvents(this.#pool, events, idempotency)
+    this.#alone++
+    const settled = (): void => {
+      this.#alone--
+      this.#settled()
+    }
+    published.then(settled, settled)
+    return published
+  }
+
   /** Resolves once every publish handed over so far has settled. */
   async drain (): Promise<void> {
     // A waiting publish means a group is committing (#startGroups starts
-    // one whenever none is), so that flag alone tells whether work is left.
-    if (!this.#committing) return
+    // one whenever none is), so that flag alone tells whether a group is left.
+    if (!this.#committing && this.#alone === 0) return
     await new Promise<void>((resolve) => this.#idle.push(resolve))
+  }
+
+  // Tells drain()'s waiters, once no group commits and no publish goes alone.
+  #settled (): void {
+    if (this.#committing || this.#alone > 0) return
+    const idle = this.#idle
+    this.#idle = []
+    for (const resolve of idle) resolve()
   }
 
   // One group at a time: a second one would only wait in the database for
@@ -217,10 +244,7 @@ export class GroupPublisher {
     }).finally(() => {
       this.#committing = false
       this.#startGroups()
-      if (this.#committing) return
-      const idle = this.#idle
-      this.#idle = []
-      for (const resolve of idle) resolve()
+      this.#settled()
     })
   }
 

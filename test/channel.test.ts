@@ -1,5 +1,5 @@
 import t from 'tap'
-import { ChannelPatterns, isChannelName } from '../src/channel.js'
+import { ChannelPatterns, checkChannelNames, isChannelName } from '../src/channel.js'
 import { seededRandom } from './helper.js'
 
 t.test('channel names: 1 to 63 bytes of A-Z a-z 0-9 _ . : -', async (t) => {
@@ -84,4 +84,10 @@ t.test('adversarial patterns match in linear time: a backtracking matcher would 
   t.ok(new ChannelPatterns([`${'*a'.repeat(31)}*`]).matches(name), 'and a pattern that fits matches')
   t.ok(new ChannelPatterns(['*aab*']).matches('aaab'), 'a middle part that overlaps itself')
   t.notOk(new ChannelPatterns(['ab*ba']).matches('aba'), 'head and tail may not overlap')
+})
+
+t.test('checkChannelNames: 400 for the first name that is not a channel name, naming the rule', async (t) => {
+  t.doesNotThrow(() => checkChannelNames(['a', 'orders.eu', 'x'.repeat(63)]))
+  t.doesNotThrow(() => checkChannelNames([]), 'no names, nothing to refuse')
+  t.throws(() => checkChannelNames(['ok', 'a b', 'a;b']), { code: 'GW_INVALID_CHANNEL', statusCode: 400, message: 'invalid channel name "a b": use 1 to 63 characters of A-Z a-z 0-9 _ . : -' })
 })

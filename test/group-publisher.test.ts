@@ -209,3 +209,27 @@ t.test('the publisher is stalled while a group waits longer than stalledAfterMs,
   await waiting
   t.notOk(publisher.stalled, 'not once the group committed')
 })
+
+t.test('an idempotent publish goes alone, publishes once, and drain waits for it', async (t) => {
+  const publisher = new GroupPublisher(poolFor(t), LIMITS)
+  const blocker = await connect(t, url)
+  await blocker.query('BEGIN')
+  await blocker.query('SELECT * FROM sse_gateway.log_head FOR UPDATE')
+  const idempotency = { key: 'alone', requestHash: 'first' }
+  let answered = false
+  const first = publisher.publishIdempotent(events('alone', 'once'), idempotency).then((result) => { answered = true; return result })
+  let drained = false
+  const drain = publisher.drain().then(() => { drained = true })
+  await waitFor(async () => (await db.query("SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")).rowCount === 1, 'the publish to wait for the lock')
+  t.notOk(drained, 'drain waits while the idempotent publish is under way')
+  await blocker.query('ROLLBACK')
+  await within(drain, 'drain')
+  t.ok(answered, 'the publish had its answer when drain resolved')
+  const { ids, replayed } = await first
+  t.equal(replayed, false)
+  t.same(await publisher.publishIdempotent(events('alone', 'once'), idempotency), { ids, replayed: true }, 'a repeat gets the first ids')
+  await t.rejects(publisher.publishIdempotent(events('alone', 'other'), { ...idempotency, requestHash: 'other' }), { name: 'IdempotencyConflictError' })
+  t.equal(publisher.groups, 0, 'never in a group')
+  const { rows } = await db.query("SELECT payload FROM sse_gateway.events WHERE channel = 'alone'")
+  t.same(rows.map((r) => r.payload), ['once'])
+})

@@ -7,7 +7,7 @@ import { ChannelPatterns } from '../channel.js'
 import type { JwtAlgorithm } from '../config.js'
 import { ForbiddenError, TooManyRequestsError, UnauthorizedError, UnavailableError } from '../errors.js'
 import { FailedAttempts } from '../failed-attempts.js'
-import { isTicket, redeemTicket } from '../tickets.js'
+import { isTicket, redeemTicket, type TicketGrant } from '../tickets.js'
 
 export type ChannelAction = 'publish' | 'subscribe'
 
@@ -45,9 +45,27 @@ declare module 'fastify' {
      * Runs `check`, which authenticates the request, unless the client's
      * address has used up its failed attempts (429 with Retry-After, before
      * anything is checked); a 401 from `check` counts as one failure.
-     * `authorize` goes through it; so does the operator's check.
+     * `authorize` and `authorizeOperator` go through it.
      */
     attemptAuthentication<T> (request: FastifyRequest, check: () => Promise<T>): Promise<T>
+    /**
+     * The operator's views of this instance (GET /status, GET /metrics, the
+     * status stream) need a token with `"admin": true` (`npm run token --
+     * --admin`) in the Authorization header, never in a URL or a cookie:
+     * channel names, and how many streams, channels and events there are,
+     * say more than a client should learn. Verified as a channel token is,
+     * failed attempts counted as for `authorize`. Throws 401 for a missing,
+     * invalid or expired token, 403 for one without the claim; resolves
+     * with its claims.
+     */
+    authorizeOperator (request: FastifyRequest): Promise<GatewayClaims>
+    /**
+     * Redeems a ticket (once: it is spent): 401 when it is invalid, expired
+     * or already used, or the token it was issued for has expired; 503 when
+     * the database cannot say. Resolves with its grant, whose channels the
+     * caller checks. Failed attempts are the caller's to count.
+     */
+    useTicket (request: FastifyRequest, ticket: string): Promise<TicketGrant>
     /**
      * The stable identity of the request's token (see tokenIdentity), or
      * undefined for a request without a valid token (none, a ticket, one
@@ -217,11 +235,7 @@ export default fp<AuthPluginOptions>(async function authPlugin (app, options) {
     }
   })
 
-  async function ticketClaims (request: FastifyRequest, ticket: string, action: ChannelAction, wanted: readonly string[]): Promise<GatewayClaims> {
-    // Not for publishing, nor for buying another ticket (which would outlive it).
-    if (action !== 'subscribe' || request.method !== 'GET') {
-      throw new UnauthorizedError('a ticket only opens a stream: use a token here')
-    }
+  app.decorate('useTicket', async function useTicket (request: FastifyRequest, ticket: string): Promise<TicketGrant> {
     let grant
     try {
       grant = await redeemTicket(app.pg.pool, ticket)
@@ -233,6 +247,15 @@ export default fp<AuthPluginOptions>(async function authPlugin (app, options) {
     if (grant.tokenExpiresAt !== undefined && grant.tokenExpiresAt * 1000 <= Date.now()) {
       throw new UnauthorizedError('the token the ticket was issued for has expired')
     }
+    return grant
+  })
+
+  async function ticketClaims (request: FastifyRequest, ticket: string, action: ChannelAction, wanted: readonly string[]): Promise<GatewayClaims> {
+    // Not for publishing, nor for buying another ticket (which would outlive it).
+    if (action !== 'subscribe' || request.method !== 'GET') {
+      throw new UnauthorizedError('a ticket only opens a stream: use a token here')
+    }
+    const grant = await app.useTicket(request, ticket)
     const granted = new Set(grant.channels)
     const denied = wanted.filter((c) => !granted.has(c) && !publicChannels.matches(c))
     if (denied.length > 0) {
@@ -244,6 +267,19 @@ export default fp<AuthPluginOptions>(async function authPlugin (app, options) {
     return claims
   }
 
+  // Every token, channel or operator, is verified here: signature and
+  // claims by fast-jwt, then its times. Throws 401.
+  function verifiedClaims (token: string): GatewayClaims {
+    let claims: GatewayClaims
+    try {
+      claims = app.jwt.verify<GatewayClaims>(token)
+    } catch (err) {
+      // fast-jwt's own messages are fine, but ours never risk echoing input.
+      throw new UnauthorizedError(errorMessages[(err as { code?: string }).code ?? ''] ?? 'the token is invalid')
+    }
+    return checkTokenTimes(claims, Date.now(), maxTokenLifetimeSeconds, clockToleranceSeconds)
+  }
+
   async function checkChannels (request: FastifyRequest, action: ChannelAction, wanted: readonly string[]): Promise<GatewayClaims> {
     const found = findToken(request, cookieName)
     if (found === undefined || found.token === '') {
@@ -253,14 +289,7 @@ export default fp<AuthPluginOptions>(async function authPlugin (app, options) {
       throw new ForbiddenError('a request authenticated by cookie must come from an allowed Origin')
     }
     if (isTicket(found.token)) return await ticketClaims(request, found.token, action, wanted)
-    let claims: GatewayClaims
-    try {
-      claims = app.jwt.verify<GatewayClaims>(found.token)
-    } catch (err) {
-      // fast-jwt's own messages are fine, but ours never risk echoing input.
-      throw new UnauthorizedError(errorMessages[(err as { code?: string }).code ?? ''] ?? 'the token is invalid')
-    }
-    claims = checkTokenTimes(claims, Date.now(), maxTokenLifetimeSeconds, clockToleranceSeconds)
+    const claims = verifiedClaims(found.token)
     const allowed = ChannelPatterns.fromClaim(claims[action])
     const denied = wanted.filter((c) => !allowed.matches(c) && !(action === 'subscribe' && publicChannels.matches(c)))
     if (denied.length > 0) {
@@ -299,6 +328,18 @@ export default fp<AuthPluginOptions>(async function authPlugin (app, options) {
     // failures may still read them.
     if (action === 'subscribe' && publicChannels.matchesAll(wanted)) return null
     return await app.attemptAuthentication(request, async () => await checkChannels(request, action, wanted))
+  })
+
+  app.decorate('authorizeOperator', async function authorizeOperator (request: FastifyRequest): Promise<GatewayClaims> {
+    return await app.attemptAuthentication(request, async () => {
+      const found = findToken(request, cookieName)
+      if (found?.source !== 'header' || found.token === '') {
+        throw new UnauthorizedError('this needs an operator token: send Authorization: Bearer <token>')
+      }
+      const claims = verifiedClaims(found.token)
+      if (claims.admin !== true) throw new ForbiddenError('this needs a token with "admin": true')
+      return claims
+    })
   })
 
   // Rate limits ask for it before the route checks the token, and the

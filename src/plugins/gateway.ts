@@ -1,9 +1,8 @@
 import fp from 'fastify-plugin'
-import type { GatewayConfig } from '../config.js'
-import { pruneLog } from '../event-log.js'
+import { pruneLog, type RetentionPolicy } from '../event-log.js'
 import { FlushLine, GATEWAY_EVENTS } from '../event-stream.js'
 import { ChannelHub } from '../hub.js'
-import { ListenerConnection } from '../listener.js'
+import { ListenerConnection, type ListenerOptions } from '../listener.js'
 import { encodeComment, encodeEvent } from '../sse.js'
 import { StreamCore, type Subscriber } from '../stream-core.js'
 
@@ -21,25 +20,31 @@ declare module 'fastify' {
 }
 
 export interface GatewayPluginOptions {
-  connectionString: string
-  config: GatewayConfig
+  /** The listener connection: its database and timings. */
+  listener: ListenerOptions
+  /** Milliseconds between heartbeat comments on every stream. */
+  heartbeatMs: number
+  /** The stream core's: bytes of live events held during a stream's set-up before it is cut off; the base of `retry:` (ms). */
+  streams: { maxHeldBytes: number, retryMs: number }
+  /** What the event log keeps, and every how many milliseconds it is pruned to that. */
+  retention: RetentionPolicy & { intervalMs: number }
 }
 
 /** The listener connection, the hub fed by it, the stream core and the flush line, owned by the app. */
-export default fp<GatewayPluginOptions>(async function gatewayPlugin (app, { connectionString, config }) {
-  const listener = new ListenerConnection({
-    connectionString,
-    livenessIntervalMs: config.LISTENER_LIVENESS_INTERVAL_MS,
-    livenessTimeoutMs: config.LISTENER_LIVENESS_TIMEOUT_MS,
-    reconnectDelayMaxMs: config.LISTENER_RECONNECT_MAX_MS
-  })
+export default fp<GatewayPluginOptions>(async function gatewayPlugin (app, options) {
+  const { heartbeatMs, retention: { intervalMs: retentionIntervalMs, ...retention } } = options
+  // A timer of 0 ms (or NaN, which setInterval takes as 1) would spin.
+  for (const [name, ms] of [['heartbeatMs', heartbeatMs], ['retention.intervalMs', retentionIntervalMs]] as const) {
+    if (!(Number.isInteger(ms) && ms > 0)) throw new TypeError(`the gateway plugin's ${name} must be a positive whole number of milliseconds`)
+  }
+  const listener = new ListenerConnection(options.listener)
   const hub = new ChannelHub(listener)
   const { metrics } = app
   const streamCore = new StreamCore({
     hub,
     log: app.pg.pool,
-    maxHeldBytes: config.STREAM_BUFFER_BYTES,
-    retryMs: config.RETRY_MS,
+    maxHeldBytes: options.streams.maxHeldBytes,
+    retryMs: options.streams.retryMs,
     onReplayed: (count) => metrics.eventsReplayed.inc(count)
   })
   const streams = streamCore.subscribers
@@ -87,18 +92,14 @@ export default fp<GatewayPluginOptions>(async function gatewayPlugin (app, { con
   const heartbeat = Buffer.from(encodeComment('heartbeat'))
   const heartbeatTimer = setInterval(() => {
     for (const stream of streams) stream.write(heartbeat)
-  }, config.HEARTBEAT_MS)
+  }, heartbeatMs)
   heartbeatTimer.unref()
 
   const retentionTimer = setInterval(() => {
-    pruneLog(app.pg.pool, {
-      maxAgeSeconds: config.RETENTION_MAX_AGE_SECONDS,
-      maxEvents: config.RETENTION_MAX_EVENTS,
-      idempotencyWindowSeconds: config.IDEMPOTENCY_WINDOW_SECONDS
-    }).then((deleted) => {
+    pruneLog(app.pg.pool, retention).then((deleted) => {
       if (deleted > 0) app.log.info({ deleted }, 'event log pruned')
     }, (err: Error) => app.log.warn({ err: { message: err.message } }, 'pruning the event log failed'))
-  }, config.RETENTION_INTERVAL_MS)
+  }, retentionIntervalMs)
   retentionTimer.unref()
 
   // Streams never finish by themselves: end them so that close() can finish.

@@ -1,33 +1,31 @@
 import { Type, type TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyInstance } from 'fastify'
-import type { GatewayConfig } from '../config.js'
-import { checkChannelNames, checkPayload, jsonBodyParser, publishAll, utf8BodyParser } from './publishing.js'
+import { checkChannelNames } from '../channel.js'
+import { checkPayload } from '../payload.js'
 import { API_ROUTE } from '../plugins/security.js'
 
 export interface ChannelsRoutesOptions {
-  config: GatewayConfig
+  /** MAX_PAYLOAD_BYTES: the largest payload, in UTF-8 bytes. */
+  maxPayloadBytes: number
 }
 
 const ChannelParams = Type.Object({ channel: Type.String() })
 
-export default async function channelsRoutes (app: FastifyInstance, { config }: ChannelsRoutesOptions): Promise<void> {
-  // The payload is the body as sent: JSON is checked, then kept as text.
-  app.removeContentTypeParser(['application/json', 'text/plain'])
-  app.addContentTypeParser('application/json', { parseAs: 'buffer' }, utf8BodyParser(jsonBodyParser(undefined, (text) => text)))
-  app.addContentTypeParser('text/plain', { parseAs: 'buffer' }, utf8BodyParser((_request, text, done) => done(null, text)))
-
+export default async function channelsRoutes (app: FastifyInstance, { maxPayloadBytes }: ChannelsRoutesOptions): Promise<void> {
   app.withTypeProvider<TypeBoxTypeProvider>().post('/channels/:channel', {
-    bodyLimit: config.MAX_PAYLOAD_BYTES,
+    bodyLimit: maxPayloadBytes,
     helmet: API_ROUTE.helmet,
     onRequest: [API_ROUTE.onRequest, app.publishRateLimit],
+    // The payload is the body as sent: JSON is checked, then kept as text.
+    config: { body: { json: 'text' } },
     schema: { params: ChannelParams }
   }, async (request, reply) => {
     const { channel } = request.params
     checkChannelNames([channel])
-    const claims = await app.authorize(request, 'publish', [channel])
+    await app.authorize(request, 'publish', [channel])
     const payload = typeof request.body === 'string' ? request.body : ''
-    checkPayload(payload, config.MAX_PAYLOAD_BYTES, 'the payload')
-    const [id] = await publishAll(app, request, claims, [{ channel, payload }])
+    checkPayload(payload, maxPayloadBytes, 'the payload')
+    const [id] = await app.publishAll(request, [{ channel, payload }])
     reply.code(201)
     return { id, channel }
   })

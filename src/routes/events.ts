@@ -8,7 +8,8 @@ import { EVENT_STREAM_HEADERS, EventStream, GATEWAY_EVENTS } from '../event-stre
 import { encodeEvent, encodeRetry } from '../sse.js'
 import { jittered, type PreparedStream, StreamUnavailableError } from '../stream-core.js'
 import { type EventId, MAX_EVENT_ID, parseEventId } from '../event-id.js'
-import { BATCH_DATA, checkChannelNames, jsonBodyParser, publishAll, toPayload, utf8BodyParser } from './publishing.js'
+import { checkChannelNames } from '../channel.js'
+import { BATCH_DATA, toPayload } from '../payload.js'
 import { API_ROUTE, API_SECURITY_HEADERS } from '../plugins/security.js'
 
 export interface EventsRoutesOptions {
@@ -110,10 +111,6 @@ const BatchBody = Type.Object({
 
 export default async function eventsRoutes (app: FastifyInstance, { config }: EventsRoutesOptions): Promise<void> {
   const routes = app.withTypeProvider<TypeBoxTypeProvider>()
-  // A batch is UTF-8 JSON: invalid bytes are refused, not replaced by U+FFFD;
-  // each event's data is kept as the client's JSON text.
-  app.removeContentTypeParser(['application/json', 'text/plain'])
-  app.addContentTypeParser('application/json', { parseAs: 'buffer' }, utf8BodyParser(jsonBodyParser(BATCH_DATA)))
 
   // No HEAD: it would open a stream whose events nobody may send.
   routes.get('/events', {
@@ -210,6 +207,8 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
     bodyLimit: config.MAX_BATCH_BYTES,
     helmet: API_ROUTE.helmet,
     onRequest: [API_ROUTE.onRequest, app.publishRateLimit],
+    // A batch is JSON; each event's data is kept as the client's JSON text.
+    config: { body: { capture: BATCH_DATA, text: false } },
     schema: { body: BatchBody }
   }, async (request, reply) => {
     const { events } = request.body
@@ -218,9 +217,9 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
     }
     const channels = events.map((e) => e.channel)
     checkChannelNames(channels)
-    const claims = await app.authorize(request, 'publish', new Set(channels))
+    await app.authorize(request, 'publish', new Set(channels))
     const toPublish = events.map((e, i) => ({ channel: e.channel, payload: toPayload(e, config.MAX_PAYLOAD_BYTES, `events[${i}].data`) }))
-    const ids = await publishAll(app, request, claims, toPublish)
+    const ids = await app.publishAll(request, toPublish)
     reply.code(201)
     return { ids }
   })

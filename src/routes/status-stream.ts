@@ -1,13 +1,16 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import { FastifySSEPlugin } from 'fastify-sse-v2'
-import type { GatewayConfig } from '../config.js'
 import { ForbiddenError, UnauthorizedError, UnavailableError } from '../errors.js'
 import { API_ROUTE } from '../plugins/security.js'
-import { isTicket, issueTicket, redeemTicket } from '../tickets.js'
-import { authorizeOperator } from './status.js'
+import { isTicket, issueTicket } from '../tickets.js'
 
 export interface StatusStreamRoutesOptions {
-  config: GatewayConfig
+  /** RETRY_MS: the reconnection delay a dashboard's EventSource is given. */
+  retryMs: number
+  /** PG_POOL_SIZE: the pool's size, as a sample reports it. */
+  poolSize: number
+  /** TICKET_TTL_SECONDS: how long an operator ticket may wait to be used. */
+  ticketTtlSeconds: number
 }
 
 /**
@@ -188,24 +191,18 @@ async function authorizeStream (app: FastifyInstance, request: FastifyRequest): 
   const query = request.query as Record<string, unknown>
   const ticket = query.access_token
   if (request.headers.authorization !== undefined || typeof ticket !== 'string') {
-    await authorizeOperator(request)
-    return { expiresAt: request.user.exp }
+    return { expiresAt: (await app.authorizeOperator(request)).exp }
   }
+  // Failed attempts count against the address, as on every other route.
+  return await app.attemptAuthentication(request, async () => await redeemOperatorTicket(app, request, ticket))
+}
+
+async function redeemOperatorTicket (app: FastifyInstance, request: FastifyRequest, ticket: string): Promise<OperatorGrant> {
   if (!isTicket(ticket)) {
     throw new UnauthorizedError('put no token in a URL: trade it for a ticket at POST /status/tickets, or send Authorization: Bearer <token>')
   }
-  let grant
-  try {
-    grant = await redeemTicket(app.pg.pool, ticket)
-  } catch (err) {
-    request.log.error({ err: { message: (err as Error).message } }, 'redeeming an operator ticket failed')
-    throw new UnavailableError('the ticket cannot be checked right now; retry shortly')
-  }
-  if (grant === null) throw new UnauthorizedError('the ticket is invalid, expired or already used')
+  const grant = await app.useTicket(request, ticket)
   if (!grant.channels.includes(OPERATOR_GRANT)) throw new ForbiddenError('this ticket opens channel streams, not the status: get one at POST /status/tickets')
-  if (grant.tokenExpiresAt !== undefined && grant.tokenExpiresAt * 1000 <= Date.now()) {
-    throw new UnauthorizedError('the token the ticket was issued for has expired')
-  }
   return { expiresAt: grant.tokenExpiresAt }
 }
 
@@ -218,7 +215,7 @@ const MAX_TIMEOUT_MS = 2 ** 31 - 1
  * package our user named for streams). POST /status/tickets: an operator
  * token traded for a single-use ticket that opens it from a browser.
  */
-export default async function statusStreamRoutes (app: FastifyInstance, { config }: StatusStreamRoutesOptions): Promise<void> {
+export default async function statusStreamRoutes (app: FastifyInstance, { retryMs, poolSize, ticketTtlSeconds }: StatusStreamRoutesOptions): Promise<void> {
   // fastify-sse-v2 4.2.2 fits here, and only here, because what we send
   // cannot reach its limits (README "Choices worth knowing"):
   // - it drops an event whose data is empty (`if (chunk.data)`), and splits
@@ -237,9 +234,9 @@ export default async function statusStreamRoutes (app: FastifyInstance, { config
   //   (`node --import tsx bench/sse-v2.ts`: 1,000 clients × 200 events over
   //   loopback): nothing at one event a second to a few operators, too much
   //   for /events.
-  await app.register(FastifySSEPlugin, { retryDelay: config.RETRY_MS })
+  await app.register(FastifySSEPlugin, { retryDelay: retryMs })
 
-  const sampler = new StatusSampler(app, config.PG_POOL_SIZE)
+  const sampler = new StatusSampler(app, poolSize)
   const open = new Set<AbortController>()
 
   app.addHook('preClose', async () => {
@@ -253,22 +250,20 @@ export default async function statusStreamRoutes (app: FastifyInstance, { config
     helmet: API_ROUTE.helmet,
     onRequest: [API_ROUTE.onRequest, app.ticketRateLimit]
   }, async (request, reply) => {
-    // Failed attempts count against the address, as on every other route.
-    await app.attemptAuthentication(request, async () => { await authorizeOperator(request) })
-    const { sub, exp } = request.user
+    const { sub, exp } = await app.authorizeOperator(request)
     let ticket: string
     try {
-      ticket = await issueTicket(app.pg.pool, { channels: [OPERATOR_GRANT], subject: sub, tokenExpiresAt: exp }, config.TICKET_TTL_SECONDS)
+      ticket = await issueTicket(app.pg.pool, { channels: [OPERATOR_GRANT], subject: sub, tokenExpiresAt: exp }, ticketTtlSeconds)
     } catch (err) {
       request.log.error({ err: { message: (err as Error).message } }, 'issuing an operator ticket failed')
       throw new UnavailableError('the ticket could not be issued; retry shortly')
     }
     reply.code(201)
-    return { ticket, expiresIn: config.TICKET_TTL_SECONDS }
+    return { ticket, expiresIn: ticketTtlSeconds }
   })
 
   app.get('/status/stream', { ...API_ROUTE }, async (request, reply) => {
-    const grant = await app.attemptAuthentication(request, async () => await authorizeStream(app, request))
+    const grant = await authorizeStream(app, request)
     if (open.size >= MAX_STATUS_STREAMS) throw new UnavailableError(`at most ${MAX_STATUS_STREAMS} status streams may be open at once`)
     // A client gone while its ticket was checked: its 'close' has passed,
     // and a stream set up now would never be released.

@@ -1,13 +1,15 @@
 import { Type, type TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyInstance } from 'fastify'
-import type { GatewayConfig } from '../config.js'
 import { BadRequestError, UnavailableError } from '../errors.js'
+import { checkChannelNames } from '../channel.js'
 import { issueTicket } from '../tickets.js'
-import { checkChannelNames } from './publishing.js'
 import { API_ROUTE } from '../plugins/security.js'
 
 export interface TicketsRoutesOptions {
-  config: GatewayConfig
+  /** MAX_CHANNELS_PER_STREAM: a ticket covers no more channels than a stream may have. */
+  maxChannels: number
+  /** TICKET_TTL_SECONDS: how long a ticket may wait to be used. */
+  ticketTtlSeconds: number
 }
 
 const TicketBody = Type.Object({
@@ -19,7 +21,7 @@ const TicketBody = Type.Object({
  * puts a short-lived, single-use, channel-scoped ticket in the stream's URL
  * (where URLs end up: logs, histories, Referer) instead of its token.
  */
-export default async function ticketsRoutes (app: FastifyInstance, { config }: TicketsRoutesOptions): Promise<void> {
+export default async function ticketsRoutes (app: FastifyInstance, { maxChannels, ticketTtlSeconds }: TicketsRoutesOptions): Promise<void> {
   app.withTypeProvider<TypeBoxTypeProvider>().post('/tickets', {
     bodyLimit: 16 * 1024,
     helmet: API_ROUTE.helmet,
@@ -27,19 +29,19 @@ export default async function ticketsRoutes (app: FastifyInstance, { config }: T
     schema: { body: TicketBody }
   }, async (request, reply) => {
     const channels = [...new Set(request.body.channels)]
-    if (channels.length > config.MAX_CHANNELS_PER_STREAM) {
-      throw new BadRequestError(`a ticket may have at most ${config.MAX_CHANNELS_PER_STREAM} channels, as a stream`)
+    if (channels.length > maxChannels) {
+      throw new BadRequestError(`a ticket may have at most ${maxChannels} channels, as a stream`)
     }
     checkChannelNames(channels)
     const claims = await app.authorize(request, 'subscribe', channels)
     let ticket: string
     try {
-      ticket = await issueTicket(app.pg.pool, { channels, subject: claims?.sub, tokenExpiresAt: claims?.exp }, config.TICKET_TTL_SECONDS)
+      ticket = await issueTicket(app.pg.pool, { channels, subject: claims?.sub, tokenExpiresAt: claims?.exp }, ticketTtlSeconds)
     } catch (err) {
       request.log.error({ err: { message: (err as Error).message } }, 'issuing a ticket failed')
       throw new UnavailableError('the ticket could not be issued; retry shortly')
     }
     reply.code(201)
-    return { ticket, channels, expiresIn: config.TICKET_TTL_SECONDS }
+    return { ticket, channels, expiresIn: ticketTtlSeconds }
   })
 }

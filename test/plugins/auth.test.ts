@@ -276,3 +276,16 @@ t.test('behind a trusted TLS proxy the gateway\'s own origin is https', async (t
   t.equal((await post(`https://${host}`, 'own origin')).status, 201)
   await errorBody(t, await post(`http://${host}`, 'plain http'), 403)
 })
+
+t.test('an operator token is verified as a channel token is: its times checked, its failures counted', async (t) => {
+  const gateway = await startGateway(t, { AUTH_FAILURE_MAX: '3' })
+  const sign = (claims: Record<string, unknown>): string => createSigner({ key: JWT_SECRET })({ admin: true, ...claims })
+  const status = async (token: string): Promise<Response> => await fetch(`${gateway.baseUrl}/status`, { headers: { authorization: `Bearer ${token}` } })
+  const good = sign({ exp: epoch(600) })
+  t.equal((await status(good)).status, 200, 'an operator token in force reads the status')
+  t.match((await errorBody(t, await status(sign({ exp: epoch(91 * 86400) })), 401)).message, /lives too long/, 'an exp beyond MAX_TOKEN_LIFETIME_SECONDS')
+  t.match((await errorBody(t, await status(sign({ exp: epoch(60), iat: epoch(3600) })), 401)).message, /iat/, 'an iat in the future')
+  await errorBody(t, await status('not.a.token'), 401)
+  await errorBody(t, await status(good), 429)
+  await errorBody(t, await fetch(`${gateway.baseUrl}/metrics`, { headers: { authorization: `Bearer ${good}` } }), 429)
+})

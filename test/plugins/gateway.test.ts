@@ -2,10 +2,13 @@
 // the metrics and /readyz tell the story, and every stream hears of the gap.
 import type { AddressInfo } from 'node:net'
 import { Writable } from 'node:stream'
+import Fastify from 'fastify'
 import t from 'tap'
 import { build, loggerOptions } from '../../src/app.js'
 import { loadConfig } from '../../src/config.js'
 import { LISTENER_APPLICATION_NAME } from '../../src/listener.js'
+import gatewayPlugin from '../../src/plugins/gateway.js'
+import metricsPlugin from '../../src/plugins/metrics.js'
 import { JWT_SECRET, connect, createDatabase, openStream, streamUrl, within } from '../helper.js'
 
 interface LogLine {
@@ -51,4 +54,19 @@ t.test('a killed listener shows in the logs, the metrics and /readyz, and stream
   t.match(metrics, /^pgsse_listener_connected 1$/m)
   t.match(metrics, /^pgsse_channels_listened 2$/m)
   t.equal((await app.inject('/readyz')).statusCode, 200, 'ready again')
+})
+
+t.test('the gateway plugin refuses a heartbeat or pruning interval that is not a positive whole number of milliseconds', async (t) => {
+  const retention = { maxAgeSeconds: 60, maxEvents: 10, idempotencyWindowSeconds: 60, intervalMs: 1000 }
+  for (const [what, options] of [
+    ['heartbeatMs', { heartbeatMs: 0, retention }],
+    ['heartbeatMs', { heartbeatMs: Number.NaN, retention }],
+    ['retention.intervalMs', { heartbeatMs: 1000, retention: { ...retention, intervalMs: 0.5 } }]
+  ] as const) {
+    const app = Fastify()
+    t.teardown(() => app.close())
+    await app.register(metricsPlugin)
+    // Refused before the listener connects: this database does not exist.
+    await t.rejects(async () => { await app.register(gatewayPlugin, { listener: { connectionString: 'postgres://127.0.0.1:1/none' }, streams: { maxHeldBytes: 1024, retryMs: 1000 }, ...options }) }, { name: 'TypeError', message: `${what} must be a positive whole number` })
+  }
 })
