@@ -317,7 +317,14 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
   })
 
   await app.register(healthRoutes)
-  await app.register(eventsRoutes, { config })
+  await app.register(eventsRoutes, {
+    maxChannelsPerStream: config.MAX_CHANNELS_PER_STREAM,
+    streamBufferBytes: config.STREAM_BUFFER_BYTES,
+    retryMs: config.RETRY_MS,
+    maxBatchBytes: config.MAX_BATCH_BYTES,
+    maxBatchEvents: config.MAX_BATCH_EVENTS,
+    maxPayloadBytes: config.MAX_PAYLOAD_BYTES
+  })
   await app.register(channelsRoutes, { maxPayloadBytes: config.MAX_PAYLOAD_BYTES })
   await app.register(statusRoutes, { retention: { maxAgeSeconds: config.RETENTION_MAX_AGE_SECONDS, maxEvents: config.RETENTION_MAX_EVENTS } })
   await app.register(statusStreamRoutes, { retryMs: config.RETRY_MS, poolSize: config.PG_POOL_SIZE, ticketTtlSeconds: config.TICKET_TTL_SECONDS })

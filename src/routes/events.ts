@@ -2,7 +2,6 @@ import type { IncomingMessage, OutgoingHttpHeaders } from 'node:http'
 import type { Socket } from 'node:net'
 import { Type, type TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
-import type { GatewayConfig } from '../config.js'
 import { BadRequestError, OverloadedError, UnavailableError } from '../errors.js'
 import { EVENT_STREAM_HEADERS, EventStream, GATEWAY_EVENTS } from '../event-stream.js'
 import { encodeEvent, encodeRetry } from '../sse.js'
@@ -13,7 +12,17 @@ import { BATCH_DATA, toPayload } from '../payload.js'
 import { API_ROUTE, API_SECURITY_HEADERS } from '../plugins/security.js'
 
 export interface EventsRoutesOptions {
-  config: GatewayConfig
+  /** MAX_CHANNELS_PER_STREAM: channels one stream may have. */
+  maxChannelsPerStream: number
+  /** STREAM_BUFFER_BYTES: unsent bytes of a stream whose client does not read, before it is cut off. */
+  streamBufferBytes: number
+  /** RETRY_MS: the base of the `retry:` advice (ms). */
+  retryMs: number
+  /** MAX_BATCH_BYTES and MAX_BATCH_EVENTS: a batch's body and its events. */
+  maxBatchBytes: number
+  maxBatchEvents: number
+  /** MAX_PAYLOAD_BYTES: the largest payload, in UTF-8 bytes. */
+  maxPayloadBytes: number
 }
 
 const StreamQuery = Type.Object({
@@ -109,7 +118,7 @@ const BatchBody = Type.Object({
   }, { required: ['channel', 'data'] }), { minItems: 1 })
 })
 
-export default async function eventsRoutes (app: FastifyInstance, { config }: EventsRoutesOptions): Promise<void> {
+export default async function eventsRoutes (app: FastifyInstance, options: EventsRoutesOptions): Promise<void> {
   const routes = app.withTypeProvider<TypeBoxTypeProvider>()
 
   // No HEAD: it would open a stream whose events nobody may send.
@@ -119,7 +128,7 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
     // Shed under load like every route, but in words EventSource retries.
     config: {
       pressureHandler: async (request, reply) => {
-        retryLater(request, reply, new OverloadedError(), config.RETRY_MS)
+        retryLater(request, reply, new OverloadedError(), options.retryMs)
       }
     },
     ...API_ROUTE
@@ -132,8 +141,8 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
       throw new BadRequestError('a stream must be the only request in flight on its connection: open it on a connection of its own')
     }
     const channels = [...new Set(request.query.channel)]
-    if (channels.length > config.MAX_CHANNELS_PER_STREAM) {
-      throw new BadRequestError(`a stream may have at most ${config.MAX_CHANNELS_PER_STREAM} channels`)
+    if (channels.length > options.maxChannelsPerStream) {
+      throw new BadRequestError(`a stream may have at most ${options.maxChannelsPerStream} channels`)
     }
     checkChannelNames(channels)
     // EventSource sends the header on reconnect; the query parameter serves
@@ -165,7 +174,7 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
       const claims = await app.authorize(request, 'subscribe', channels)
       if (closed) return reply.hijack()
       const stream = new EventStream(reply.raw, {
-        maxBufferedBytes: config.STREAM_BUFFER_BYTES,
+        maxBufferedBytes: options.streamBufferBytes,
         line: app.flushLine,
         tally: app.metrics.streamTally,
         onCutOff: (droppedFrames) => {
@@ -180,7 +189,7 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
         throw err instanceof StreamUnavailableError ? new UnavailableError(err.message) : err
       }
     } catch (err) {
-      return retryLater(request, reply, err as FastifyError, config.RETRY_MS)
+      return retryLater(request, reply, err as FastifyError, options.retryMs)
     }
     // The response closed meanwhile (its 'close' released what was taken),
     // or was destroyed and its 'close' is still to come.
@@ -204,7 +213,7 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
   })
 
   routes.post('/events', {
-    bodyLimit: config.MAX_BATCH_BYTES,
+    bodyLimit: options.maxBatchBytes,
     helmet: API_ROUTE.helmet,
     onRequest: [API_ROUTE.onRequest, app.publishRateLimit],
     // A batch is JSON; each event's data is kept as the client's JSON text.
@@ -212,13 +221,13 @@ export default async function eventsRoutes (app: FastifyInstance, { config }: Ev
     schema: { body: BatchBody }
   }, async (request, reply) => {
     const { events } = request.body
-    if (events.length > config.MAX_BATCH_EVENTS) {
-      throw new BadRequestError(`a batch may have at most ${config.MAX_BATCH_EVENTS} events`)
+    if (events.length > options.maxBatchEvents) {
+      throw new BadRequestError(`a batch may have at most ${options.maxBatchEvents} events`)
     }
     const channels = events.map((e) => e.channel)
     checkChannelNames(channels)
     await app.authorize(request, 'publish', new Set(channels))
-    const toPublish = events.map((e, i) => ({ channel: e.channel, payload: toPayload(e, config.MAX_PAYLOAD_BYTES, `events[${i}].data`) }))
+    const toPublish = events.map((e, i) => ({ channel: e.channel, payload: toPayload(e, options.maxPayloadBytes, `events[${i}].data`) }))
     const ids = await app.publishAll(request, toPublish)
     reply.code(201)
     return { ids }
