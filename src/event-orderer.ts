@@ -4,8 +4,8 @@ import type { LoggedEvent } from './event-log.js'
 /** What the listener hands on: a gateway event (with id) or a plain NOTIFY. */
 export interface ChannelEvent {
   channel: string
-  /** The decimal id of a logged event; undefined for a plain NOTIFY. */
-  id: string | undefined
+  /** A logged event's id; undefined for a plain NOTIFY. */
+  id: EventId | undefined
   data: string
 }
 
@@ -68,8 +68,9 @@ export class EventOrderer {
 
   /** Emits a logged event read from the log (a catch-up), moving the position to it. */
   emitLogged (event: LoggedEvent): void {
+    // The log's row is an edge: its id arrives as PostgreSQL prints it.
     this.position = Number(event.id)
-    this.#options.emit({ channel: event.channel, id: event.id, data: event.payload })
+    this.#options.emit({ channel: event.channel, id: this.position, data: event.payload })
   }
 
   #startDrain (): void {
@@ -92,7 +93,7 @@ export class EventOrderer {
             if (e.id <= this.position) continue
             this.position = e.id
           }
-          this.#options.emit({ channel: e.channel, id: e.id === undefined ? undefined : String(e.id), data: e.data })
+          this.#options.emit({ channel: e.channel, id: e.id, data: e.data })
         }
       }
     } finally {

@@ -1,10 +1,11 @@
+import type { EventId } from './event-id.js'
 import type { ChannelEvent } from './listener.js'
 import { encodeEvent } from './sse.js'
 
 /** Where a stream's bytes go. */
 export interface EventSink {
   /** `id` is the event's log id, for events that have one. */
-  write (frame: Buffer, id?: number): void
+  write (frame: Buffer, id?: EventId): void
 }
 
 /** The subset of the listener that the hub drives. */
@@ -17,7 +18,7 @@ export interface ChannelListener {
 export interface ChannelActivity {
   /** Epoch milliseconds. */
   lastEventAt: number
-  lastEventId: string | undefined
+  lastEventId: EventId | undefined
 }
 
 interface ChannelEntry extends ChannelActivity {
@@ -90,9 +91,8 @@ export class ChannelHub {
   deliver (event: ChannelEvent): number {
     const entry = this.#channels.get(event.channel)
     if (entry === undefined) return 0
-    const frame = Buffer.from(encodeEvent({ id: event.id, event: event.channel, data: event.data }))
-    const id = event.id === undefined ? undefined : Number(event.id)
-    for (const sink of entry.sinks) sink.write(frame, id)
+    const frame = Buffer.from(encodeEvent({ id: event.id === undefined ? undefined : String(event.id), event: event.channel, data: event.data }))
+    for (const sink of entry.sinks) sink.write(frame, event.id)
     entry.lastEventAt = Date.now()
     entry.lastEventId = event.id
     return entry.sinks.size

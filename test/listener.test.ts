@@ -3,6 +3,7 @@ import pg from 'pg'
 import t from 'tap'
 import { encodeNotification, migrate, publishEvents } from '../src/event-log.js'
 import { LISTENER_APPLICATION_NAME, ListenerConnection, type ChannelEvent, type ListenerOptions } from '../src/listener.js'
+import type { EventId } from '../src/event-id.js'
 import { connect, createDatabase, readWireKey, seededRandom, Signal, type Teardown, waitFor } from './helper.js'
 
 // What a listener emitted, with a way to wait for a condition on it instead of sleeping.
@@ -58,9 +59,14 @@ async function notify (client: pg.ClientBase, channel: string, payload: string):
   await client.query('SELECT pg_notify($1, $2)', [channel, payload])
 }
 
-async function publish (channel: string, payload: string): Promise<string> {
+async function publish (channel: string, payload: string): Promise<EventId> {
   const { rows } = await db.query<{ id: string }>('SELECT sse_gateway.publish($1, $2)::text AS id', [channel, payload])
-  return (rows[0] as { id: string }).id
+  return Number((rows[0] as { id: string }).id)
+}
+
+/** Publishes through the pool, one transaction; the ids as the listener gives them. */
+async function publishAll (events: Array<{ channel: string, payload: string }>): Promise<EventId[]> {
+  return (await publishEvents(pool, events)).ids.map(Number)
 }
 
 /** The backend whose last statement was `sql`: lets a test find the listener's session among others. */
@@ -214,7 +220,7 @@ t.test('gateway events arrive with their id', async (t) => {
   const { listener, received } = await startListener(t)
   await listener.listen('gw')
   const a = await publish('gw', 'via sql')
-  const [b, c] = (await publishEvents(pool, [{ channel: 'gw', payload: 'via pool' }, { channel: 'gw', payload: '\x1f99\nlooks like a marker' }])).ids
+  const [b, c] = await publishAll([{ channel: 'gw', payload: 'via pool' }, { channel: 'gw', payload: '\x1f99\nlooks like a marker' }])
   const d = await publish('gw', '')
   await received.until(() => received.on('gw').length === 4, 'four events')
   t.same(received.on('gw'), [
@@ -236,7 +242,7 @@ t.test('large payloads arrive complete and in id order among small ones', async 
   for (const data of plan) expected.push({ channel: 'big', id: await publish('big', data), data })
   // One batch.
   const batch = plan.map((data) => `batch ${data}`)
-  const ids = (await publishEvents(pool, batch.map((payload) => ({ channel: 'big', payload })))).ids
+  const ids = await publishAll(batch.map((payload) => ({ channel: 'big', payload })))
   batch.forEach((data, i) => expected.push({ channel: 'big', id: ids[i], data }))
 
   await received.until(() => received.on('big').length >= expected.length, `${expected.length} events`)

@@ -75,7 +75,7 @@ t.test('a new stream starts at the head, and live events held during set-up foll
   const { writer, prepared } = await stream({ channels: ['fresh'] })
   t.equal(String(prepared.start.after), before, 'it starts after the last event committed')
   const [during] = await publish('fresh', 'during set-up')
-  await waitFor(() => hub.activity('fresh')?.lastEventId === during, 'the live event to reach the hub')
+  await waitFor(() => hub.activity('fresh')?.lastEventId === Number(during), 'the live event to reach the hub')
   t.same(writer.text, [], 'held: nothing written before the stream begins')
   await core.begin(prepared, open(writer))
   t.match(writer.text[0], /^retry: (1[0-9]{3})\n\n/, 'a jittered retry: first')
@@ -87,7 +87,7 @@ t.test('a resuming stream: the replay, then the held live events, with no gap an
   const { writer, prepared } = await stream({ channels: ['seam'], resumeFrom: Number(resumeFrom) })
   // Committed after the stream read its start: in the log and held live.
   const [both] = await publish('seam', 'both in the replay and live')
-  await waitFor(() => hub.activity('seam')?.lastEventId === both, 'the live event to reach the hub')
+  await waitFor(() => hub.activity('seam')?.lastEventId === Number(both), 'the live event to reach the hub')
   await core.begin(prepared, open(writer))
   const [after] = await publish('seam', 'after')
   await waitFor(() => writer.events.some(([id]) => id === after), 'the event after')

@@ -35,7 +35,7 @@ export default async function statusRoutes (app: FastifyInstance, { retention }:
         name,
         subscribers: hub.subscriberCount(name),
         lastEventAt: activity === undefined || activity.lastEventAt === 0 ? null : new Date(activity.lastEventAt).toISOString(),
-        lastEventId: activity?.lastEventId ?? null
+        lastEventId: activity?.lastEventId === undefined ? null : String(activity.lastEventId)
       }
     })
     return {
