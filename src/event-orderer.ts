@@ -60,6 +60,11 @@ export class EventOrderer {
     if (this.#pending.length > 0 && !this.#draining) this.#startDrain()
   }
 
+  /** Drops every notification waiting (held, or behind a read); the position stays. */
+  dropPending (): void {
+    this.#pending = []
+  }
+
   /** A notification: `id` for a logged event, `data` undefined when its payload must be read. */
   push (channel: string, id: EventId | undefined, data: string | undefined): void {
     this.#pending.push({ channel, id, data })

@@ -223,6 +223,7 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
     this.#listening.clear()
     this.#catchingUp = reconnected
     if (reconnected) this.#orderer.hold()
+    let settled = false
     try {
       await this.#converge()
       let caughtUp = 0
@@ -244,10 +245,17 @@ export class ListenerConnection extends EventEmitter<ListenerEvents> {
         { intervalMs: this.#options.livenessIntervalMs, timeoutMs: this.#options.livenessTimeoutMs },
         (err) => this.#kill(client, err)
       )
+      settled = true
       this.emit('connected', { reconnected, caughtUp })
     } finally {
       this.#catchingUp = false
-      this.#orderer.release()
+      // A reconnect cut short (its catch-up failed) keeps notifications held
+      // and drops those pending: emitting them would move the position past
+      // events the catch-up had not read yet, and the next catch-up would
+      // start after them. Logged ones are in the log, where the next
+      // catch-up reads them; plain ones are lost, which gateway/gap tells.
+      if (settled || !reconnected) this.#orderer.release()
+      else this.#orderer.dropPending()
     }
   }
 

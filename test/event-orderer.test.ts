@@ -110,3 +110,16 @@ t.test('a failed read drops everything pending and says so; the position stays',
   await waitFor(() => emitted.length === 1, 'the next event')
   t.same(emitted, [{ channel: 'a', id: '13', data: 'thirteen' }], 'the orderer goes on')
 })
+
+t.test('a catch-up cut short: what waited is dropped, not emitted past what the catch-up had not read', async (t) => {
+  const { orderer, emitted } = harness()
+  orderer.position = 10
+  orderer.hold()
+  orderer.push('a', 13, 'live, after events the catch-up never read')
+  orderer.push('a', undefined, 'plain')
+  orderer.dropPending()
+  orderer.release()
+  await new Promise((resolve) => setImmediate(resolve))
+  t.same(emitted, [], 'nothing emitted')
+  t.equal(orderer.position, 10, 'the next catch-up starts where this one did')
+})
