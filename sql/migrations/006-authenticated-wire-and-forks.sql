@@ -120,4 +120,3 @@ BEGIN
   RETURN ARRAY(SELECT first_id + k FROM generate_series(0, n - 1) AS k);
 END
 $fn$;
-ALTER FUNCTION sse_gateway.publish(text, text) SET search_path = pg_catalog, pg_temp;
