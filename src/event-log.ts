@@ -169,6 +169,18 @@ export async function migrate (client: pg.ClientBase, toVersion = SCHEMA_VERSION
   }
 }
 
+/**
+ * Whether a failed statement was answered by the server, on a connection
+ * that can serve again: a SQLSTATE error, but for a connection exception
+ * (class 08) or the server ending the session (57P01 and kin). Any other
+ * failure (a reset, a query timeout on a silent connection) leaves the
+ * connection's state unknown: it must be destroyed, never reused, and a
+ * ROLLBACK on it would only wait.
+ */
+export function connectionAnswered (err: unknown): boolean {
+  return err instanceof pg.DatabaseError && !/^(08|57P)/.test(err.code ?? '')
+}
+
 export interface EventToPublish {
   channel: string
   payload: string
@@ -247,11 +259,11 @@ export async function publishEvents (pool: pg.Pool, events: readonly EventToPubl
     // Only a connection on which the server answered can take a ROLLBACK;
     // on one that went silent it would wait out another query timeout. The
     // connection is destroyed below, and the server ends the transaction.
-    if (err instanceof pg.DatabaseError) await client.query('ROLLBACK').catch(() => {})
+    if (connectionAnswered(err)) await client.query('ROLLBACK').catch(() => {})
     throw err
   } finally {
     // A client whose connection broke must not go back to the pool.
-    client.release(failed instanceof Error && !(failed instanceof pg.DatabaseError) ? failed : undefined)
+    client.release(failed instanceof Error && !connectionAnswered(failed) ? failed : undefined)
   }
 }
 

@@ -1,5 +1,5 @@
-import pg from 'pg'
-import { type EventToPublish, type IdempotencyKey, type PublishResult, publishBatch, publishEvents } from './event-log.js'
+import type pg from 'pg'
+import { connectionAnswered, type EventToPublish, type IdempotencyKey, type PublishResult, publishBatch, publishEvents } from './event-log.js'
 
 /*
  * Why publishes are committed in groups.
@@ -105,11 +105,6 @@ export function nothingPublished (err: unknown): boolean {
   return err instanceof Error && POOL_CONNECT_TIMEOUTS.has(err.message)
 }
 
-/** Whether the connection answered with an error and can serve again. */
-function answered (err: unknown): boolean {
-  return err instanceof pg.DatabaseError && !/^(08|57P)/.test(err.code ?? '')
-}
-
 function ignore (): void {}
 
 interface PendingPublish {
@@ -146,7 +141,7 @@ export class GroupPublisher {
   // one is not used (see the comment at the top).
   #generation = 0
   readonly #openedIn = new WeakMap<pg.ClientBase, number>()
-  readonly #onConnect = (client: pg.PoolClient): void => { this.#openedIn.set(client, this.#generation) }
+  readonly #onConnect = (client: pg.PoolClient): void => { this.#adopt(client, this.#generation) }
 
   constructor (pool: pg.Pool, options: GroupPublisherOptions) {
     this.#pool = pool
@@ -314,17 +309,12 @@ export class GroupPublisher {
       // The cause's message, for the log: the client's answer is the route's own.
       throw new PublishNotSentError(`no database connection (${(err as Error).message}): nothing was sent`, { cause: err })
     }
-    // A connection error reaches the query, and the client emits it too:
-    // an 'error' event nobody listens to would end the process.
-    client.on('error', ignore)
     try {
       const ids = await publishBatch(client, events)
-      client.off('error', ignore)
       client.release()
       return ids
     } catch (err) {
-      client.off('error', ignore)
-      if (answered(err)) {
+      if (connectionAnswered(err)) {
         client.release()
       } else {
         this.#generation++
@@ -337,12 +327,22 @@ export class GroupPublisher {
     }
   }
 
+  // Records the generation a connection was opened in, and listens to its
+  // errors once for its whole life: a connection error reaches the query,
+  // and the client emits it too, and an 'error' event nobody listens to
+  // would end the process.
+  #adopt (client: pg.ClientBase, generation: number): void {
+    this.#openedIn.set(client, generation)
+    client.on('error', ignore)
+  }
+
   // A pool connection opened since the last connection failure.
   async #connect (): Promise<pg.PoolClient> {
     for (;;) {
       const client = await this.#pool.connect()
       // Unknown: opened before this publisher watched; as old as the pool.
-      if ((this.#openedIn.get(client) ?? 0) >= this.#generation) return client
+      if (!this.#openedIn.has(client)) this.#adopt(client, 0)
+      if ((this.#openedIn.get(client) as number) >= this.#generation) return client
       client.release(new Error('opened before a connection failure'))
     }
   }
