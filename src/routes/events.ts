@@ -51,9 +51,10 @@ const LISTENER_DOWN = 'the gateway cannot listen to the database right now; retr
  * and ends; EventSource reconnects after the advised delay. Other clients
  * (curl, fetch without that Accept) get the error itself, 429 or 503. Both
  * carry `Retry-After` in seconds. A refusal that will not change (400, 401,
- * 403) is thrown as it is.
+ * 403) is thrown as it is. `say` words the why (another protocol, such as
+ * Mercure, says it without a `gateway/*` event).
  */
-function retryLater (request: FastifyRequest, reply: FastifyReply, err: FastifyError, retryMs: number): FastifyReply {
+export function retryLater (request: FastifyRequest, reply: FastifyReply, err: FastifyError, retryMs: number, say: (refusal: { status: number, reason: string, retry: number }) => string = sayUnavailable): FastifyReply {
   const statusCode = err.statusCode ?? 500
   if (statusCode < 500 && statusCode !== 429) throw err
   const retry = jittered(2 * retryMs)
@@ -69,10 +70,11 @@ function retryLater (request: FastifyRequest, reply: FastifyReply, err: FastifyE
     ...API_SECURITY_HEADERS,
     'content-type': EVENT_STREAM_HEADERS['content-type'],
     'cache-control': 'no-cache'
-  }).send(encodeRetry(retry) + encodeEvent({
-    event: GATEWAY_EVENTS.unavailable,
-    data: JSON.stringify({ status: statusCode, reason: named ? err.message : 'Internal Server Error', retry })
-  }))
+  }).send(encodeRetry(retry) + say({ status: statusCode, reason: named ? err.message : 'Internal Server Error', retry }))
+}
+
+function sayUnavailable (refusal: { status: number, reason: string, retry: number }): string {
+  return encodeEvent({ event: GATEWAY_EVENTS.unavailable, data: JSON.stringify(refusal) })
 }
 
 // Connections whose current request is a stream's (being set up, or live),

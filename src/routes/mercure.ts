@@ -1,0 +1,289 @@
+import type { OutgoingHttpHeaders } from 'node:http'
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
+import { BadRequestError, ForbiddenError, OverloadedError, PayloadTooLargeError, UnauthorizedError, UnavailableError, UnsupportedMediaTypeError } from '../errors.js'
+import type { EventId } from '../event-id.js'
+import { EVENT_STREAM_HEADERS, EventStream } from '../event-stream.js'
+import { nothingPublished } from '../group-publisher.js'
+import { ANONYMOUS, InvalidTokenError, mayPublish, type MercureGrants, type MercureTokenOptions, MercureTokens, type VerifiedToken } from '../mercure/authorization.js'
+import { findUpdate } from '../mercure/log.js'
+import { MERCURE_DIALECT, MercureSelector } from '../mercure/selector.js'
+import { type CompiledSelector, InvalidSelectorError, type SelectorType, TopicMatcher } from '../mercure/topic-selector.js'
+import { encodeUpdatePayload, InvalidUpdateError, MERCURE_CHANNEL, parsePublishForm } from '../mercure/update.js'
+import { decodeBody } from '../plugins/body-parsers.js'
+import { originAllowed } from '../plugins/auth.js'
+import { API_ROUTE } from '../plugins/security.js'
+import { encodeComment } from '../sse.js'
+import { type PreparedStream, StreamUnavailableError } from '../stream-core.js'
+import { retryLater } from './events.js'
+
+/*
+ * A Mercure hub (https://mercure.rocks), both protocol generations, on the
+ * gateway's log, listener and stream core: `GET /.well-known/mercure`
+ * subscribes, `POST /.well-known/mercure` publishes. Updates are events of
+ * the reserved channel MERCURE_CHANNEL; topics are matched in process
+ * (src/mercure/).
+ */
+
+export const MERCURE_PATH = '/.well-known/mercure'
+
+export interface MercureRoutesOptions {
+  /** MERCURE_HUB_URL: relative topics and patterns resolve against it. */
+  hubUrl: string
+  /** MERCURE_ANONYMOUS: subscribers without a token get public updates. */
+  anonymous: boolean
+  /** How tokens are verified (keys, algorithm, aud, iss, exp). */
+  tokens: MercureTokenOptions
+  /** Cookies a token is read from, in order. */
+  cookieNames: readonly string[]
+  /** CORS_ORIGINS: pages that may publish with a cookie, besides the gateway's own. */
+  trustedOrigins: readonly string[]
+  /** RETRY_MS: the base of the `retry:` advice (ms). */
+  retryMs: number
+  /** STREAM_BUFFER_BYTES: unsent bytes of a stream whose client does not read, before it is cut off. */
+  streamBufferBytes: number
+  /** MAX_PAYLOAD_BYTES: the largest publish form, in bytes. */
+  maxPayloadBytes: number
+}
+
+// Bounds on what one request may ask (Mercure asks hubs for such limits).
+const MAX_SELECTORS = 100
+const MAX_TOPICS = 100
+const MAX_FIELD_LENGTH = 2048
+
+// Mercure 1.0 refuses C0, C1, DEL and format characters in matchers.
+const CONTROL_OR_FORMAT = /[\p{Cc}\p{Cf}]/u
+
+const SELECTOR_PARAMETERS: Record<string, SelectorType> = { topic: 'legacy', match: 'exact', match_exact: 'exact', match_urlpattern: 'urlpattern' }
+
+/** The legacy cookie, Mercure 1.0's; MERCURE_COOKIE_NAME adds one. */
+export const MERCURE_COOKIES = ['mercureAuthorization', '__Secure-mercure_access_token'] as const
+
+type BearerError = 'invalid_token' | 'insufficient_scope' | 'invalid_request'
+
+// RFC 6750 challenges, as Mercure 1.0 asks (draft-07 clients ignore them).
+function challenge (reply: FastifyReply, error?: BearerError): void {
+  reply.header('www-authenticate', error === undefined ? 'Bearer' : `Bearer error="${error}"`)
+}
+
+interface FoundToken {
+  token: string
+  source: 'header' | 'query' | 'cookie'
+}
+
+// The Authorization header first; then (draft-07) the `authorization` query
+// parameter; then a cookie.
+function findToken (request: FastifyRequest, params: URLSearchParams | undefined, cookieNames: readonly string[]): FoundToken | undefined {
+  const header = request.headers.authorization
+  if (header !== undefined) return { token: /^Bearer\s+(\S+)\s*$/i.exec(header)?.[1] ?? '', source: 'header' }
+  const query = params?.get('authorization')
+  if (query !== null && query !== undefined) return { token: query, source: 'query' }
+  for (const name of cookieNames) {
+    const cookie = request.cookies[name]
+    if (cookie !== undefined) return { token: cookie, source: 'cookie' }
+  }
+  return undefined
+}
+
+// A stream that cannot be opened now answers an EventSource with a 200
+// that advises `retry:` (retryLater, src/routes/events.ts) and says why in
+// a comment: Mercure streams carry no `gateway/*` event.
+function sayInComment ({ reason }: { reason: string }): string {
+  return encodeComment(reason)
+}
+
+export default async function mercureRoutes (app: FastifyInstance, options: MercureRoutesOptions): Promise<void> {
+  const matcher = new TopicMatcher({ hubUrl: options.hubUrl, maxSelectorLength: MAX_FIELD_LENGTH })
+  const tokens = new MercureTokens(options.tokens, matcher)
+  const trustedOrigins = new Set(options.trustedOrigins)
+  const limits = { maxTopics: MAX_TOPICS, maxFieldLength: MAX_FIELD_LENGTH, hubUrl: options.hubUrl }
+
+  // The publish form; UTF-8 only, as every body the gateway reads.
+  app.addContentTypeParser('application/x-www-form-urlencoded', { parseAs: 'buffer' }, (request, body, done) => {
+    try {
+      done(null, decodeBody(request, body as Buffer))
+    } catch (err) {
+      done(err as Error, undefined)
+    }
+  })
+
+  // Verifies the request's token for a role: 401 (with an RFC 6750
+  // challenge) when it is missing and needed, or invalid.
+  function authenticate (request: FastifyRequest, reply: FastifyReply, role: 'publish' | 'subscribe', params: URLSearchParams | undefined): VerifiedToken | undefined {
+    const found = findToken(request, params, [...options.cookieNames])
+    if (found === undefined) {
+      if (role === 'subscribe' && options.anonymous) return undefined
+      challenge(reply)
+      throw new UnauthorizedError(`a token is needed to ${role}: send Authorization: Bearer <token>, or the mercureAuthorization cookie`)
+    }
+    // A cookie goes with any request a page makes: a publish it
+    // authenticates must come from an allowed origin.
+    if (found.source === 'cookie' && role === 'publish' && !originAllowed(request, trustedOrigins)) {
+      challenge(reply, 'insufficient_scope')
+      throw new ForbiddenError('a publish authenticated by cookie must come from an allowed Origin')
+    }
+    try {
+      return tokens.verify(found.token, role)
+    } catch (err) {
+      if (!(err instanceof InvalidTokenError)) throw err
+      challenge(reply, 'invalid_token')
+      throw new UnauthorizedError(err.message)
+    }
+  }
+
+  function selectorsOf (params: URLSearchParams): CompiledSelector[] {
+    const selectors: CompiledSelector[] = []
+    for (const [name, value] of params) {
+      const type = SELECTOR_PARAMETERS[name]
+      if (type === undefined) {
+        // Mercure 1.0 reserves the whole `match` prefix: a typo fails loudly.
+        if (name.toLowerCase().startsWith('match')) throw new BadRequestError('unknown matcher parameter: use topic, match, match_exact or match_urlpattern')
+        continue
+      }
+      if (CONTROL_OR_FORMAT.test(value)) throw new BadRequestError('a topic selector may not contain control or format characters')
+      try {
+        selectors.push(matcher.compile({ type, value }))
+      } catch (err) {
+        if (err instanceof InvalidSelectorError) throw new BadRequestError(`invalid topic selector: ${err.message}`)
+        throw err
+      }
+    }
+    if (selectors.length === 0) throw new BadRequestError('missing topic selector: give one or more topic, match or match_urlpattern parameters')
+    if (selectors.length > MAX_SELECTORS) throw new BadRequestError(`a subscription may have at most ${MAX_SELECTORS} topic selectors`)
+    return selectors
+  }
+
+  // Where a stream resumes: the log id after which it starts (undefined:
+  // at the head), and what the response headers say it starts after.
+  async function resumePosition (lastEventId: string): Promise<{ resumeFrom: EventId | undefined, found: boolean }> {
+    if (lastEventId === 'earliest') return { resumeFrom: 0, found: false }
+    let logId: EventId | undefined
+    try {
+      logId = await findUpdate(app.pg.pool, lastEventId)
+    } catch {
+      throw new UnavailableError('the event log cannot be read right now; retry shortly')
+    }
+    return logId === undefined ? { resumeFrom: undefined, found: false } : { resumeFrom: logId, found: true }
+  }
+
+  app.get(MERCURE_PATH, {
+    exposeHeadRoute: false,
+    config: {
+      pressureHandler: async (request, reply) => {
+        retryLater(request, reply, new OverloadedError() as FastifyError, options.retryMs, sayInComment)
+      }
+    },
+    ...API_ROUTE
+  }, async (request, reply) => {
+    if (reply.raw.socket === null) {
+      throw new BadRequestError('a stream must be the only request in flight on its connection: open it on a connection of its own')
+    }
+    // Parsed as URLSearchParams parses (Mercure 1.0 says so), every pair in order.
+    const params = new URL(request.raw.url ?? '/', 'http://hub.invalid').searchParams
+    const selectors = selectorsOf(params)
+    const verified = authenticate(request, reply, 'subscribe', params)
+    const grants: MercureGrants = verified?.grants ?? ANONYMOUS
+    // The header wins over the query parameters (both generations').
+    const header = request.headers['last-event-id']
+    const lastEventId = (typeof header === 'string' ? header : undefined) ?? params.get('last_event_id') ?? params.get('lastEventID') ?? undefined
+    if (reply.raw.destroyed) return reply.hijack()
+
+    let closed = false
+    let releaseSlot: (() => void) | undefined
+    let prepared: PreparedStream | undefined
+    reply.raw.on('close', () => {
+      closed = true
+      releaseSlot?.()
+      if (prepared !== undefined) app.streamCore.close(prepared)
+    })
+
+    let found = false
+    try {
+      releaseSlot = app.streamLimits.acquire(request.ip)
+      if (app.listener.state === 'disconnected' || app.listener.state === 'closed') {
+        throw new UnavailableError('the gateway cannot listen to the database right now; retry shortly')
+      }
+      let resumeFrom: EventId | undefined
+      if (lastEventId !== undefined) ({ resumeFrom, found } = await resumePosition(lastEventId))
+      if (closed) return reply.hijack()
+      const stream = new EventStream(reply.raw, {
+        maxBufferedBytes: options.streamBufferBytes,
+        line: app.flushLine,
+        tally: app.metrics.streamTally,
+        onCutOff: (droppedFrames) => {
+          app.metrics.streamsCutOff.inc()
+          app.metrics.framesDropped.inc(droppedFrames)
+          request.log.warn('Mercure stream cut off: the client is not reading')
+        }
+      })
+      try {
+        prepared = await app.streamCore.prepare(stream, {
+          channels: [MERCURE_CHANNEL],
+          resumeFrom,
+          expiresAt: verified?.exp,
+          selector: new MercureSelector(matcher, selectors, grants),
+          dialect: MERCURE_DIALECT
+        })
+      } catch (err) {
+        throw err instanceof StreamUnavailableError ? new UnavailableError(err.message) : err
+      }
+    } catch (err) {
+      return retryLater(request, reply, err as FastifyError, options.retryMs, sayInComment)
+    }
+    if (closed || reply.raw.destroyed) {
+      app.streamCore.close(prepared)
+      return reply.hijack()
+    }
+
+    reply.hijack()
+    const headers: OutgoingHttpHeaders = { ...reply.getHeaders() as OutgoingHttpHeaders, ...EVENT_STREAM_HEADERS }
+    if (lastEventId !== undefined) {
+      // Where the stream starts: after the update asked for, or `earliest`
+      // (asked for, unknown, or pruned meanwhile).
+      const startsAfter = found && !prepared.start.missed ? lastEventId : 'earliest'
+      headers['last-event-id'] = startsAfter
+      headers['mercure-last-event-id'] = startsAfter
+      headers['access-control-expose-headers'] = 'Last-Event-ID, Mercure-Last-Event-ID'
+    }
+    const stream = prepared.subscriber.writer as EventStream
+    try {
+      await app.streamCore.begin(prepared, (preamble) => stream.open(headers, preamble))
+    } catch (err) {
+      request.log.warn({ err: { message: (err as Error).message } }, 'replay failed; ending the Mercure stream')
+    }
+    return reply
+  })
+
+  app.post(MERCURE_PATH, {
+    bodyLimit: options.maxPayloadBytes,
+    helmet: API_ROUTE.helmet,
+    onRequest: [API_ROUTE.onRequest, app.publishRateLimit]
+  }, async (request, reply) => {
+    const params = new URL(request.raw.url ?? '/', 'http://hub.invalid').searchParams
+    const verified = authenticate(request, reply, 'publish', params) as VerifiedToken
+    const contentType = request.headers['content-type']?.toLowerCase() ?? ''
+    if (!contentType.startsWith('application/x-www-form-urlencoded') || typeof request.body !== 'string') {
+      throw new UnsupportedMediaTypeError('send the update as application/x-www-form-urlencoded')
+    }
+    let update
+    try {
+      update = parsePublishForm(request.body, limits)
+    } catch (err) {
+      if (!(err instanceof InvalidUpdateError)) throw err
+      throw err.statusCode === 413 ? new PayloadTooLargeError(err.message) : new BadRequestError(err.message)
+    }
+    if (!mayPublish(matcher, verified.grants, update.topics)) {
+      challenge(reply, 'insufficient_scope')
+      throw new ForbiddenError('the token does not allow to publish on every topic of the update')
+    }
+    try {
+      await app.publisher.publish([{ channel: MERCURE_CHANNEL, payload: encodeUpdatePayload(update) }])
+    } catch (err) {
+      app.log.error({ err: { message: (err as Error).message, code: (err as { code?: string }).code } }, 'Mercure publish failed')
+      throw new UnavailableError(nothingPublished(err)
+        ? 'the update could not be committed: nothing was published; retry shortly'
+        : 'the database did not confirm the commit: the update may or may not have been published')
+    }
+    app.metrics.eventsPublished.inc()
+    return reply.code(200).type('text/plain; charset=utf-8').send(update.id)
+  })
+}
