@@ -1,5 +1,6 @@
 // `npm run bench`: Nchan and the gateway side by side, driven by one load
 // generator; prints a table (and writes bench/results/<time>.json).
+// `--only mercure`: the gateway's channel and Mercure fan-outs alone.
 import { execFileSync } from 'node:child_process'
 import { connect } from 'node:net'
 import { existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs'
@@ -9,7 +10,7 @@ import { parseArgs } from 'node:util'
 import pg from 'pg'
 import { now, quantile } from './histogram.js'
 import { type Delivery, openSubscribers, payload, Poster, publishEvents } from './load.js'
-import { type GatewayTarget, rssBytes, startGateway, startNchan, type Target } from './targets.js'
+import { type GatewayTarget, mercureTarget, rssBytes, startGateway, startNchan, type Target } from './targets.js'
 import { ensureWrk, runWrk, type WrkOptions, type WrkRun } from './wrk.js'
 
 const { values: args } = parseArgs({
@@ -271,6 +272,17 @@ interface Results {
   command: string
   nchan?: { memory: Memory, fanOut: FanOut }
   gateway?: { memory: Memory, fanOut: FanOut, fanOutBatched: FanOut, publish: Publish, flood: Flood }
+  /** The same fan-out through the Mercure hub: one topic selector, updates on that topic. */
+  mercure?: { channelFanOut: FanOut, fanOut: FanOut }
+}
+
+// The topic of the Mercure fan-out, subscribed with a selector of its own.
+const MERCURE_TOPIC = 'https://example.com/books/1'
+
+/** The channel fan-out and the Mercure fan-out, one after the other on one gateway. */
+async function measureMercure (gateway: GatewayTarget, channelFanOut?: FanOut): Promise<{ channelFanOut: FanOut, fanOut: FanOut }> {
+  const channel = channelFanOut ?? await measureFanOut(gateway, 'fan')
+  return { channelFanOut: channel, fanOut: await measureFanOut(mercureTarget(gateway), MERCURE_TOPIC) }
 }
 
 async function main (): Promise<void> {
@@ -286,6 +298,16 @@ async function main (): Promise<void> {
     } finally {
       await gateway.stop()
     }
+    return
+  }
+  if (args.only === 'mercure') {
+    const gateway = await startGateway({ adminUrl: args.database, port: GATEWAY_PORT, log })
+    try {
+      results.mercure = await measureMercure(gateway)
+    } finally {
+      await gateway.stop()
+    }
+    process.stdout.write(table(results) + '\n')
     return
   }
   if (args.only !== 'gateway') {
@@ -305,6 +327,7 @@ async function main (): Promise<void> {
       const memory = await measureMemory(gateway, 'idle', IDLE_STREAMS)
       const fanOut = await measureFanOut(gateway, 'fan')
       const fanOutBatched = await measureFanOut(gateway, 'fan2', FAN_OUT_BATCH)
+      results.mercure = await measureMercure(gateway, fanOut)
       const publish = await measurePublish(gateway)
       const flood = await measureFlood(gateway)
       results.gateway = { memory, fanOut, fanOutBatched, publish, flood }
@@ -318,7 +341,7 @@ async function main (): Promise<void> {
   process.stdout.write(table(results) + `\n(${file})\n`)
 }
 
-function table ({ machine, command, nchan, gateway }: Results): string {
+function table ({ machine, command, nchan, gateway, mercure }: Results): string {
   const m = (n: number | undefined, d = 2): string => n === undefined || Number.isNaN(n) ? '—' : (n / 1e6).toFixed(d)
   const ms = (n: number | undefined): string => n === undefined || Number.isNaN(n) ? '—' : n.toFixed(1)
   const kb = (n: number | undefined): string => n === undefined || Number.isNaN(n) ? '—' : (n / 1024).toFixed(1)
@@ -336,6 +359,13 @@ function table ({ machine, command, nchan, gateway }: Results): string {
     [`memory per idle stream, ${IDLE_STREAMS} streams (KiB)`, kb(nchan?.memory.bytesPerStream), kb(gateway?.memory.bytesPerStream), x(gateway?.memory.bytesPerStream, nchan?.memory.bytesPerStream), '≤ 8 KB'],
     ['  streams held', nchan === undefined ? '—' : String(nchan.memory.opened), gateway === undefined ? '—' : String(gateway.memory.opened), '', `${IDLE_STREAMS}`]
   ]
+  if (mercure !== undefined) {
+    const f = mercure.fanOut
+    rows.push(
+      [`Mercure fan-out, ${STREAMS} subscribers on one topic selector × ${EVENTS} updates: deliveries/s (M)`, '', m(f.perSecond), `${x(f.perSecond, mercure.channelFanOut.perSecond)} channel fan-out (${m(mercure.channelFanOut.perSecond)})`, '≥ 0.8× channel'],
+      ['  every update delivered / p50 / p99 (ms)', '', `${f.deliveries}/${f.expected} / ${ms(f.p50)} / ${ms(f.p99)}`, '', 'all']
+    )
+  }
   if (gateway !== undefined) {
     const p = gateway.publish
     const f = gateway.flood

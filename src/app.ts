@@ -348,7 +348,8 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
     trustedOrigins: config.corsOrigins,
     retryMs: config.RETRY_MS,
     streamBufferBytes: config.STREAM_BUFFER_BYTES,
-    maxPayloadBytes: config.MAX_PAYLOAD_BYTES
+    maxPayloadBytes: config.MAX_PAYLOAD_BYTES,
+    subscriptions: config.MERCURE_SUBSCRIPTIONS
   })
   return app
 }

@@ -18,3 +18,11 @@ export async function findUpdate (db: pg.Pool | pg.ClientBase, mercureId: string
   const id = rows[0]?.id
   return id === null || id === undefined ? undefined : parseEventId(id)
 }
+
+/** The Mercure id of the last update in the log, or `earliest` when there is none (the subscriptions API's cursor). */
+export async function lastUpdateId (db: pg.Pool | pg.ClientBase): Promise<string> {
+  const { rows } = await db.query<{ id: string | null }>(
+    `SELECT payload::jsonb ->> 'id' AS id FROM ${LOG_SCHEMA}.events WHERE channel = '${MERCURE_CHANNEL}' ORDER BY id DESC LIMIT 1`
+  )
+  return rows[0]?.id ?? 'earliest'
+}

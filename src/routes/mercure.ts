@@ -1,11 +1,13 @@
+import { randomUUID } from 'node:crypto'
 import type { OutgoingHttpHeaders } from 'node:http'
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { BadRequestError, ForbiddenError, OverloadedError, PayloadTooLargeError, UnauthorizedError, UnavailableError, UnsupportedMediaTypeError } from '../errors.js'
 import type { EventId } from '../event-id.js'
 import { EVENT_STREAM_HEADERS, EventStream } from '../event-stream.js'
 import { nothingPublished } from '../group-publisher.js'
-import { ANONYMOUS, InvalidTokenError, mayPublish, type MercureGrants, type MercureTokenOptions, MercureTokens, type VerifiedToken } from '../mercure/authorization.js'
-import { findUpdate } from '../mercure/log.js'
+import { ANONYMOUS, InvalidTokenError, mayPublish, mayRead, type MercureGrants, type MercureTokenOptions, MercureTokens, payloadFor, type VerifiedToken } from '../mercure/authorization.js'
+import { findUpdate, lastUpdateId } from '../mercure/log.js'
+import { ActiveSubscriptions, type Subscription, subscriptionDocument, type SubscriptionRow } from '../mercure/subscriptions.js'
 import { MERCURE_DIALECT, MercureSelector } from '../mercure/selector.js'
 import { type CompiledSelector, InvalidSelectorError, type SelectorType, TopicMatcher } from '../mercure/topic-selector.js'
 import { encodeUpdatePayload, InvalidUpdateError, MERCURE_CHANNEL, parsePublishForm } from '../mercure/update.js'
@@ -43,7 +45,12 @@ export interface MercureRoutesOptions {
   streamBufferBytes: number
   /** MAX_PAYLOAD_BYTES: the largest publish form, in bytes. */
   maxPayloadBytes: number
+  /** MERCURE_SUBSCRIPTIONS: the subscriptions API and subscription events. */
+  subscriptions: boolean
 }
+
+// How often an instance renews its row of active subscriptions (stale after three).
+const INSTANCE_HEARTBEAT_MS = 10_000
 
 // Bounds on what one request may ask (Mercure asks hubs for such limits).
 const MAX_SELECTORS = 100
@@ -96,6 +103,32 @@ export default async function mercureRoutes (app: FastifyInstance, options: Merc
   const tokens = new MercureTokens(options.tokens, matcher)
   const trustedOrigins = new Set(options.trustedOrigins)
   const limits = { maxTopics: MAX_TOPICS, maxFieldLength: MAX_FIELD_LENGTH, hubUrl: options.hubUrl }
+  const hubPath = new URL(options.hubUrl).pathname.replace(/\/$/, '')
+
+  // Active subscriptions, when asked for: registered once this instance is
+  // up; what streams still have to remove is waited for before it goes.
+  let active: ActiveSubscriptions | undefined
+  const pending = new Set<Promise<void>>()
+  const track = (work: Promise<void>): Promise<void> => {
+    const settled = work.catch((err: Error) => app.log.warn({ err: { message: err.message } }, 'recording Mercure subscriptions failed'))
+    pending.add(settled)
+    settled.finally(() => pending.delete(settled)).catch(() => {})
+    return settled
+  }
+  if (options.subscriptions) {
+    active = new ActiveSubscriptions({
+      pool: app.pg.pool,
+      hubPath,
+      heartbeatMs: INSTANCE_HEARTBEAT_MS,
+      onError: (err) => app.log.warn({ err: { message: err.message } }, 'renewing Mercure subscriptions failed')
+    })
+    await active.start()
+    const subscriptions = active
+    app.addHook('onClose', async () => {
+      await Promise.all(pending)
+      await subscriptions.close()
+    })
+  }
 
   // The publish form; UTF-8 only, as every body the gateway reads.
   app.addContentTypeParser('application/x-www-form-urlencoded', { parseAs: 'buffer' }, (request, body, done) => {
@@ -244,6 +277,13 @@ export default async function mercureRoutes (app: FastifyInstance, options: Merc
       headers['mercure-last-event-id'] = startsAfter
       headers['access-control-expose-headers'] = 'Last-Event-ID, Mercure-Last-Event-ID'
     }
+    if (active !== undefined) {
+      // One identifier per connection, made by the hub (Mercure 1.0 says so).
+      const subscriber = `urn:uuid:${randomUUID()}`
+      const subscriptions = active
+      const added = track(subscriptions.add(selectors.map((s): Subscription => ({ subscriber, type: s.type, match: s.value, payload: payloadFor(grants, s.value) }))))
+      reply.raw.once('close', () => { track(added.then(async () => { await subscriptions.remove(subscriber) })) })
+    }
     const stream = prepared.subscriber.writer as EventStream
     try {
       await app.streamCore.begin(prepared, (preamble) => stream.open(headers, preamble))
@@ -286,4 +326,72 @@ export default async function mercureRoutes (app: FastifyInstance, options: Merc
     app.metrics.eventsPublished.inc()
     return reply.code(200).type('text/plain; charset=utf-8').send(update.id)
   })
+
+  if (active !== undefined) subscriptionsApi(app, active, { hubUrl: options.hubUrl, hubPath, authenticate: (request, reply) => authenticate(request, reply, 'subscribe', undefined), matcher })
+}
+
+interface SubscriptionsApiOptions {
+  hubUrl: string
+  hubPath: string
+  matcher: TopicMatcher
+  authenticate: (request: FastifyRequest, reply: FastifyReply) => VerifiedToken | undefined
+}
+
+const MODERN_TYPES = new Set(['exact', 'urlpattern'])
+
+/**
+ * Mercure's subscriptions API, over every instance's subscriptions:
+ * `/subscriptions`, `/subscriptions/{topic}[/{subscriber}]` (draft-07,
+ * JSON-LD with `lastEventID`) and `/subscriptions/{match_type}/{match}[/{subscriber}]`
+ * (1.0, JSON with the cursor in the Link header). A token must allow
+ * reading the requested path as a topic.
+ */
+function subscriptionsApi (app: FastifyInstance, subscriptions: ActiveSubscriptions, options: SubscriptionsApiOptions): void {
+  const handler = async (request: FastifyRequest<{ Params: { a?: string, b?: string, c?: string } }>, reply: FastifyReply): Promise<unknown> => {
+    const verified = options.authenticate(request, reply)
+    const path = new URL(request.raw.url ?? '/', 'http://hub.invalid').pathname
+    if (verified === undefined) {
+      reply.header('www-authenticate', 'Bearer')
+      throw new UnauthorizedError('a token is needed to read subscriptions')
+    }
+    if (!mayRead(options.matcher, verified.grants, [path])) {
+      reply.header('www-authenticate', 'Bearer error="insufficient_scope"')
+      throw new ForbiddenError('the token does not allow to read these subscriptions')
+    }
+    const { a, b, c } = request.params
+    // Mercure 1.0's paths start with a matcher type; draft-07's with a topic.
+    const modern = c !== undefined || (b !== undefined && MODERN_TYPES.has(a ?? '')) || (a === undefined && verified.grants.generation === '1.0')
+    let rows: SubscriptionRow[]
+    let single = false
+    if (a === undefined) {
+      rows = await subscriptions.list()
+    } else if (modern) {
+      if (!MODERN_TYPES.has(a)) throw new BadRequestError('unknown matcher type: exact or urlpattern')
+      rows = await subscriptions.list({ type: a as SelectorType, match: b, subscriber: c })
+      single = c !== undefined
+    } else {
+      rows = await subscriptions.list({ type: 'legacy', match: a, subscriber: b })
+      single = b !== undefined
+    }
+    if (single && rows.length === 0) {
+      reply.code(404)
+      return { statusCode: 404, error: 'Not Found', message: 'no such subscription' }
+    }
+    const lastEventId = await lastUpdateId(app.pg.pool)
+    const documents = rows.map((row: Subscription) => subscriptionDocument(options.hubPath, row, true))
+    reply.header('cache-control', 'must-revalidate')
+    if (modern) {
+      reply.header('link', `<${options.hubUrl}>; rel="mercure"; last-event-id="${lastEventId.replace(/["\\]/g, '')}"; type="mercure"; content-type="application/json"`)
+      reply.header('access-control-expose-headers', 'Link')
+      reply.type('application/json; charset=utf-8')
+      return single ? documents[0] : { id: path, type: 'subscriptions', subscriptions: documents }
+    }
+    reply.type('application/ld+json; charset=utf-8')
+    return single
+      ? { ...documents[0], lastEventID: lastEventId }
+      : { '@context': 'https://mercure.rocks/', id: path, type: 'Subscriptions', lastEventID: lastEventId, subscriptions: documents }
+  }
+  for (const suffix of ['', '/:a', '/:a/:b', '/:a/:b/:c']) {
+    app.get<{ Params: { a?: string, b?: string, c?: string } }>(`${options.hubPath}/subscriptions${suffix}`, { ...API_ROUTE }, handler)
+  }
 }
