@@ -1,7 +1,10 @@
 import { createSigner } from 'fast-jwt'
+import pg from 'pg'
 import t from 'tap'
+import { migrate } from '../../src/event-log.js'
 import { MERCURE_DETAIL_TYPE } from '../../src/mercure/authorization.js'
-import { errorBody, JWT_SECRET, openStream, startGateway, type StreamClient, type Test, type TestGateway, within } from '../helper.js'
+import { ActiveSubscriptions } from '../../src/mercure/subscriptions.js'
+import { connect, createDatabase, errorBody, JWT_SECRET, openStream, startGateway, type StreamClient, type Test, type TestGateway, waitFor, within } from '../helper.js'
 
 // Mercure's active subscriptions: events and API, shared by every instance through the database.
 
@@ -78,4 +81,27 @@ t.test('Mercure 1.0: typed events and the API with its Link cursor', async (t) =
 
   await errorBody(t, await api(gateway, ''), 401)
   await errorBody(t, await api(gateway, '', sign({ mercure: { subscribe: ['https://example.com/{x}'] } })), 403)
+})
+
+t.test('an instance that stops without a word is swept by the others: its subscriptions are told ended', async (t) => {
+  const database = await createDatabase(t)
+  const client = await connect(t, database)
+  await migrate(client)
+  const pool = new pg.Pool({ connectionString: database, max: 2 })
+  t.teardown(() => pool.end())
+  const errors: Error[] = []
+  // The crashed one never beats again (an hour between beats); the live one beats every 20 ms.
+  const crashed = new ActiveSubscriptions({ pool, hubPath: '/.well-known/mercure', heartbeatMs: 3_600_000, onError: (err) => errors.push(err) })
+  await crashed.start()
+  await crashed.add([{ subscriber: 'urn:uuid:gone', type: 'exact', match: 'https://example.com/x' }])
+  await client.query("UPDATE sse_gateway.mercure_instances SET seen_at = now() - interval '1 minute' WHERE instance = $1", [crashed.instance])
+  const live = new ActiveSubscriptions({ pool, hubPath: '/.well-known/mercure', heartbeatMs: 20, onError: (err) => errors.push(err) })
+  await live.start()
+  t.teardown(() => live.close())
+  await waitFor(async () => (await live.list()).length === 0, 'the sweep')
+  const { rows } = await client.query<{ payload: string }>("SELECT payload FROM sse_gateway.events WHERE channel = 'mercure/updates' ORDER BY id")
+  const told = rows.map((r) => JSON.parse(JSON.parse(r.payload).data as string) as { subscriber: string, active: boolean })
+  t.same(told.map((d) => [d.subscriber, d.active]), [['urn:uuid:gone', true], ['urn:uuid:gone', false]], 'created, then ended by the sweep')
+  t.same((await client.query('SELECT instance FROM sse_gateway.mercure_instances')).rows, [{ instance: live.instance }], 'the stale instance is gone')
+  t.same(errors, [])
 })
