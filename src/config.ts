@@ -141,7 +141,10 @@ export function loadConfig (env: Record<string, string | undefined> = process.en
     }
     return origin
   })
-  if (!URL.canParse(values.MERCURE_HUB_URL)) fail('MERCURE_HUB_URL must be an absolute URL such as https://hub.example.com/.well-known/mercure')
+  // The hub is served at /.well-known/mercure: its URL says where, seen from outside.
+  if (!URL.canParse(values.MERCURE_HUB_URL) || new URL(values.MERCURE_HUB_URL).pathname !== '/.well-known/mercure') {
+    fail('MERCURE_HUB_URL must be an absolute URL whose path is /.well-known/mercure, such as https://hub.example.com/.well-known/mercure')
+  }
   const trustProxy = values.TRUST_PROXY === 'true' ? true : splitList(values.TRUST_PROXY)
   return Object.freeze({ ...values, publicChannels, corsOrigins, jwtPublicKey, trustProxy: Array.isArray(trustProxy) && trustProxy.length === 0 ? false : trustProxy })
 }

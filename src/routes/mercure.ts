@@ -103,7 +103,7 @@ export default async function mercureRoutes (app: FastifyInstance, options: Merc
   const tokens = new MercureTokens(options.tokens, matcher)
   const trustedOrigins = new Set(options.trustedOrigins)
   const limits = { maxTopics: MAX_TOPICS, maxFieldLength: MAX_FIELD_LENGTH, hubUrl: options.hubUrl }
-  const hubPath = new URL(options.hubUrl).pathname.replace(/\/$/, '')
+  const hubPath = MERCURE_PATH
 
   // Active subscriptions, when asked for: registered once this instance is
   // up; what streams still have to remove is waited for before it goes.
@@ -268,7 +268,8 @@ export default async function mercureRoutes (app: FastifyInstance, options: Merc
     }
 
     reply.hijack()
-    const headers: OutgoingHttpHeaders = { ...reply.getHeaders() as OutgoingHttpHeaders, ...EVENT_STREAM_HEADERS }
+    // As Mercure sends them: a stream (its token may be in the URL) is never stored.
+    const headers: OutgoingHttpHeaders = { ...reply.getHeaders() as OutgoingHttpHeaders, ...EVENT_STREAM_HEADERS, 'cache-control': 'private, no-cache, no-store, must-revalidate, max-age=0' }
     if (lastEventId !== undefined) {
       // Where the stream starts: after the update asked for, or `earliest`
       // (asked for, unknown, or pruned meanwhile).
