@@ -17,7 +17,7 @@ import securityPlugin, { API_SECURITY_HEADERS } from './plugins/security.js'
 import channelsRoutes from './routes/channels.js'
 import eventsRoutes, { guardStreamConnections } from './routes/events.js'
 import healthRoutes from './routes/health.js'
-import mercureRoutes, { MERCURE_COOKIES } from './routes/mercure.js'
+import mercureRoutes, { MERCURE_COOKIES, MERCURE_PATH } from './routes/mercure.js'
 import statusRoutes from './routes/status.js'
 import statusStreamRoutes from './routes/status-stream.js'
 import ticketsRoutes from './routes/tickets.js'
@@ -212,7 +212,7 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
   })
 
   // The first onRequest hook: it must run as each request arrives.
-  guardStreamConnections(app)
+  guardStreamConnections(app, new Set(['/events', MERCURE_PATH]))
 
   app.setErrorHandler<FastifyError>((err, request, reply) => {
     const statusCode = err.statusCode !== undefined && err.statusCode >= 400 ? err.statusCode : 500

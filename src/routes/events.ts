@@ -81,7 +81,8 @@ function sayUnavailable (refusal: { status: number, reason: string, retry: numbe
 // with that request.
 const streamConnections = new WeakMap<Socket, IncomingMessage>()
 
-function unmarkStreamConnection (request: IncomingMessage): void {
+/** Frees a stream's connection once its response closed (the stream routes' 'close' handlers). */
+export function unmarkStreamConnection (request: IncomingMessage): void {
   if (streamConnections.get(request.socket) === request) streamConnections.delete(request.socket)
 }
 
@@ -95,13 +96,13 @@ function unmarkStreamConnection (request: IncomingMessage): void {
  * pipelined in one packet all arrive in the same turn, and only the first
  * hook of each runs before the next request arrives.
  */
-export function guardStreamConnections (app: FastifyInstance): void {
+export function guardStreamConnections (app: FastifyInstance, streamRoutes: ReadonlySet<string> = new Set(['/events'])): void {
   app.addHook('onRequest', (request, reply, done) => {
     const connection = request.raw.socket
     if (streamConnections.has(connection)) {
       connection.destroy()
       reply.hijack()
-    } else if (request.method === 'GET' && request.routeOptions.url === '/events' && reply.raw.socket !== null) {
+    } else if (request.method === 'GET' && streamRoutes.has(request.routeOptions.url ?? '') && reply.raw.socket !== null) {
       streamConnections.set(connection, request.raw)
     }
     done()

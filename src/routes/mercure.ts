@@ -16,7 +16,7 @@ import { originAllowed } from '../plugins/auth.js'
 import { API_ROUTE } from '../plugins/security.js'
 import { encodeComment } from '../sse.js'
 import { type PreparedStream, StreamUnavailableError } from '../stream-core.js'
-import { retryLater } from './events.js'
+import { retryLater, unmarkStreamConnection } from './events.js'
 
 /*
  * A Mercure hub (https://mercure.rocks), both protocol generations, on the
@@ -225,6 +225,7 @@ export default async function mercureRoutes (app: FastifyInstance, options: Merc
     let prepared: PreparedStream | undefined
     reply.raw.on('close', () => {
       closed = true
+      unmarkStreamConnection(request.raw)
       releaseSlot?.()
       if (prepared !== undefined) app.streamCore.close(prepared)
     })

@@ -1,7 +1,8 @@
 import { createSigner } from 'fast-jwt'
 import t from 'tap'
 import { MERCURE_DETAIL_TYPE } from '../../src/mercure/authorization.js'
-import { connect, errorBody, type Test, JWT_SECRET, openStream, type StreamClient, startGateway, type TestGateway, waitForData, within } from '../helper.js'
+import { connect, errorBody, JWT_SECRET, openStream, type StreamClient, startGateway, type Test, type TestGateway, waitFor, waitForData, within } from '../helper.js'
+import { rawExchange } from '../security-helper.js'
 
 // The Mercure hub over HTTP, as Mercure's publishers and subscribers use it.
 
@@ -240,4 +241,18 @@ t.test('a stream ends when its token expires, without a gateway event; a full ga
   t.notMatch(body, /gateway\//)
   await within(stream.done, 'the stream to end at exp', 6000)
   t.same(stream.control, [], 'it ends without a word')
+})
+
+t.test('Mercure stream requests pipelined on one connection take nothing: the connection is closed', async (t) => {
+  const gateway = await startGateway(t, ANONYMOUS)
+  const request = 'GET /.well-known/mercure?topic=x HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n'
+  const started = Date.now()
+  await rawExchange(gateway.baseUrl, request.repeat(100), 10_000)
+  t.ok(Date.now() - started < 5000, 'the gateway closed the connection, rather than leave it to the client')
+  const { app } = gateway
+  await waitFor(() => app.streamLimits.total === 0 && app.streams.size === 0 && app.hub.channelCount === 0, 'nothing held')
+  t.equal(app.streamLimits.count('127.0.0.1'), 0, 'the address has its whole share')
+  const stream = await subscribe(t, gateway, [['topic', 'x']])
+  await publishUpdate(gateway, [['topic', 'x'], ['data', 'still serving']])
+  await waitForData(stream, 'still serving')
 })
