@@ -35,8 +35,9 @@ $fn$;
 -- and may repeat: this finds the log id of its earliest update (Mercure 1.0
 -- says a repeated id resumes from its earliest use). Only the reserved
 -- channel's rows are indexed, and the index goes with them when retention
--- prunes the log.
-CREATE INDEX events_mercure_id ON sse_gateway.events (((payload::jsonb) ->> 'id'), id) WHERE channel = 'mercure/updates';
+-- prunes the log. A hash index: an id may be longer than a B-tree entry
+-- may be (2,704 bytes), and it is only ever looked up by equality.
+CREATE INDEX events_mercure_id ON sse_gateway.events USING hash (((payload::jsonb) ->> 'id')) WHERE channel = 'mercure/updates';
 
 -- Publishes a Mercure update in the caller's transaction: delivered on
 -- COMMIT, dropped on ROLLBACK, like sse_gateway.publish, which it calls

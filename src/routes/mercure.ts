@@ -91,6 +91,18 @@ function findToken (request: FastifyRequest, params: URLSearchParams | undefined
   return undefined
 }
 
+const UTF8 = new TextDecoder('utf-8', { fatal: true })
+
+// Node reads header bytes as Latin-1; a browser sends Last-Event-ID (an id
+// that may hold any character) as UTF-8: read the bytes as such when they are.
+function utf8Header (value: string): string {
+  try {
+    return UTF8.decode(Buffer.from(value, 'latin1'))
+  } catch {
+    return value
+  }
+}
+
 // A stream that cannot be opened now answers an EventSource with a 200
 // that advises `retry:` (retryLater, src/routes/events.ts) and says why in
 // a comment: Mercure streams carry no `gateway/*` event.
@@ -217,7 +229,7 @@ export default async function mercureRoutes (app: FastifyInstance, options: Merc
     const grants: MercureGrants = verified?.grants ?? ANONYMOUS
     // The header wins over the query parameters (both generations').
     const header = request.headers['last-event-id']
-    const lastEventId = (typeof header === 'string' ? header : undefined) ?? params.get('last_event_id') ?? params.get('lastEventID') ?? undefined
+    const lastEventId = (typeof header === 'string' ? utf8Header(header) : undefined) ?? params.get('last_event_id') ?? params.get('lastEventID') ?? undefined
     if (reply.raw.destroyed) return reply.hijack()
 
     let closed = false
@@ -275,8 +287,10 @@ export default async function mercureRoutes (app: FastifyInstance, options: Merc
       // Where the stream starts: after the update asked for, or `earliest`
       // (asked for, unknown, or pruned meanwhile).
       const startsAfter = found && !prepared.start.missed ? lastEventId : 'earliest'
-      headers['last-event-id'] = startsAfter
-      headers['mercure-last-event-id'] = startsAfter
+      // Header values travel as bytes: the id's UTF-8, as the client sent it.
+      const value = Buffer.from(startsAfter).toString('latin1')
+      headers['last-event-id'] = value
+      headers['mercure-last-event-id'] = value
       headers['access-control-expose-headers'] = 'Last-Event-ID, Mercure-Last-Event-ID'
     }
     if (active !== undefined) {

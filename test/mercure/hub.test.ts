@@ -196,6 +196,15 @@ t.test('resuming: Last-Event-ID and both query parameters, earliest, unknown ids
   t.same(data(unknown), ['five'])
   const fresh = await subscribe(t, gateway, query)
   t.equal(fresh.response.headers.get('mercure-last-event-id'), null, 'no header when nothing was asked')
+
+  // 3,000 bytes of UTF-8, more than a B-tree index entry holds; a browser
+  // sends Last-Event-ID as UTF-8 bytes.
+  const long = await publishUpdate(gateway, [['topic', 'news'], ['data', 'six'], ['id', '✓'.repeat(1000)]])
+  await publishUpdate(gateway, [['topic', 'news'], ['data', 'seven']])
+  const afterLong = await subscribe(t, gateway, query, { 'last-event-id': Buffer.from(long).toString('latin1') })
+  await waitForData(afterLong, 'seven')
+  t.same(data(afterLong), ['seven'], 'a long id in UTF-8 resumes too')
+  t.equal(Buffer.from(afterLong.response.headers.get('mercure-last-event-id') ?? '', 'latin1').toString(), long, 'and is said back in UTF-8')
 })
 
 t.test('several instances on one database: publish on one, subscribe and resume on another', async (t) => {
