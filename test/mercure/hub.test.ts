@@ -265,3 +265,15 @@ t.test('Mercure stream requests pipelined on one connection take nothing: the co
   await publishUpdate(gateway, [['topic', 'x'], ['data', 'still serving']])
   await waitForData(stream, 'still serving')
 })
+
+t.test('heartbeats are comments; CORS with credentials for the listed origins only', async (t) => {
+  const gateway = await startGateway(t, { ...ANONYMOUS, HEARTBEAT_MS: '50', CORS_ORIGINS: 'https://app.example' })
+  const listed = await subscribe(t, gateway, [['topic', 'x'], ['lastEventID', 'earliest']], { origin: 'https://app.example' })
+  await within(listed.until(() => listed.comments.includes('heartbeat'), 'a heartbeat'), 'a heartbeat')
+  t.equal(listed.response.headers.get('access-control-allow-origin'), 'https://app.example')
+  t.equal(listed.response.headers.get('access-control-allow-credentials'), 'true')
+  t.match(listed.response.headers.get('access-control-expose-headers'), /Mercure-Last-Event-ID/, 'a page may read where its stream starts')
+  t.match(listed.response.headers.get('cache-control'), /no-store/)
+  const other = await subscribe(t, gateway, [['topic', 'x']], { origin: 'https://evil.example' })
+  t.equal(other.response.headers.get('access-control-allow-origin'), null, 'no CORS for another origin')
+})
