@@ -301,7 +301,7 @@ async function main (): Promise<void> {
     return
   }
   if (args.only === 'mercure') {
-    const gateway = await startGateway({ adminUrl: args.database, port: GATEWAY_PORT, log })
+    const gateway = await startGateway({ adminUrl: args.database, port: GATEWAY_PORT, nodeArgs: args.profile ? ['--cpu-prof', '--cpu-prof-dir=bench/profiles'] : [], log })
     try {
       results.mercure = await measureMercure(gateway)
     } finally {
