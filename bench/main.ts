@@ -23,6 +23,8 @@ const { values: args } = parseArgs({
     'subscriber-workers': { type: 'string', default: '2' },
     'publish-seconds': { type: 'string', default: '5' },
     'flood-mb': { type: 'string', default: '90' },
+    // Another port when another bench may run on the same machine.
+    'gateway-port': { type: 'string', default: '3917' },
     only: { type: 'string' },
     profile: { type: 'boolean', default: false },
     database: { type: 'string', default: process.env.DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres' }
@@ -39,7 +41,7 @@ const WORKERS = Number(args['subscriber-workers'])
 const PUBLISH_SECONDS = Number(args['publish-seconds'])
 const FLOOD_BYTES = Number(args['flood-mb']) * 1024 * 1024
 const WARM_UP_SECONDS = 3
-const GATEWAY_PORT = 3917
+const GATEWAY_PORT = Number(args['gateway-port'])
 const NCHAN_PORT = 3918
 
 function log (line: string): void {
