@@ -170,6 +170,15 @@ t.test('a publish after the flush (from a deferred trigger of the user\'s) is pu
   t.equal(await stagedCount(), 0, 'nothing left staged')
 })
 
+t.test('a publish from a session with session_replication_role = replica is published too', async (t) => {
+  const inbox = await listenOn(t, url, 'replica')
+  const { client } = await openTransaction(t, 'SET LOCAL session_replication_role = replica', "SELECT sse_gateway.publish('replica', 'still published')")
+  await client.query('COMMIT')
+  await inbox.until(() => inbox.messages.length >= 1, 'the event')
+  t.same(received(inbox, 'replica').map((e) => e.data), ['still published'])
+  t.equal(await stagedCount(), 0, 'nothing left staged')
+})
+
 t.test('a publish checks its arguments at once, not at commit', async (t) => {
   const { client } = await openTransaction(t)
   await t.rejects(client.query("SELECT sse_gateway.publish('not valid', 'x')"), { code: '22023' }, 'a bad channel fails the call')

@@ -165,6 +165,9 @@ REVOKE ALL ON FUNCTION sse_gateway.flush_pending() FROM PUBLIC;
 CREATE CONSTRAINT TRIGGER flush_at_commit AFTER INSERT ON sse_gateway.pending_events
 DEFERRABLE INITIALLY DEFERRED
 FOR EACH ROW WHEN (NEW.arms) EXECUTE FUNCTION sse_gateway.flush_pending();
+-- Even with session_replication_role = replica (which silences ordinary
+-- triggers): a staged event must never be committed unpublished.
+ALTER TABLE sse_gateway.pending_events ENABLE ALWAYS TRIGGER flush_at_commit;
 
 -- publish and publish_batch stage, and so return nothing: the ids are
 -- drawn at commit. A changed return type needs DROP and CREATE, which
