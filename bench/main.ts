@@ -128,6 +128,10 @@ async function measureRowFanOut (gateway: GatewayTarget, filtered: boolean): Pro
     const base = gateway.subscribePath(`public.${table}`)
     const paths = filtered ? ROW_FILTERS.map((f) => `${base}&${f}`) : [base]
     const perStream = filtered ? EVENTS - EVENTS / 10 : EVENTS
+    // Right after a phase closed its 5,000 streams the gateway may still be
+    // busy enough to shed new ones (a 200 with gateway/unavailable, which
+    // the subscribers would count as open): let it settle.
+    await sleep(3000)
     const subs = await openSubscribers(gateway, paths, STREAMS, WORKERS, EVENTS, ROW_MARKER)
     log(`gateway: ${STREAMS - subs.failed} streams on public.${table}${filtered ? `, ${paths.length} filter sets` : ''}; inserting ${EVENTS} rows`)
     const delivered = subs.expect(perStream)
@@ -147,7 +151,8 @@ async function measureRowFanOut (gateway: GatewayTarget, filtered: boolean): Pro
     const deliveries = delivery.received.reduce((a, b) => a + b, 0)
     const seconds = (delivery.lastReceiveAt - firstSentAt) / 1000
     const result: FanOut = { streams: STREAMS, events: EVENTS, deliveries, expected: STREAMS * perStream, seconds, perSecond: deliveries / seconds, p50: NaN, p99: NaN, publishErrors: '' }
-    log(`gateway, row changes${filtered ? ', filtered' : ''}: ${deliveries}/${result.expected} deliveries in ${seconds.toFixed(2)} s = ${(result.perSecond / 1e6).toFixed(3)} M/s`)
+    const short = delivery.received.filter((n) => n < perStream).length
+    log(`gateway, row changes${filtered ? ', filtered' : ''}: ${deliveries}/${result.expected} deliveries in ${seconds.toFixed(2)} s = ${(result.perSecond / 1e6).toFixed(3)} M/s${short > 0 ? `; ${short} streams short (${delivery.closedEarly} closed early; cut off: ${await cutOffCount(gateway)} in all)` : ''}`)
     return result
   } finally {
     await db.end()
