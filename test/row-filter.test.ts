@@ -1,5 +1,5 @@
 import t from 'tap'
-import { LazyEventView } from '../src/hub.js'
+import { ChannelHub, type EventSink, LazyEventView } from '../src/hub.js'
 import { filterSelector, MAX_FILTER_LENGTH, MAX_FILTERS, parseRowFilter, RowFilterError, RowFilters } from '../src/row-filter.js'
 
 const change = (op: string, row: Record<string, unknown>, extra: Record<string, unknown> = {}): Record<string, unknown> => ({
@@ -159,4 +159,37 @@ t.test('the selector: one evaluation per event view, the channel frame when it p
   t.match(frame?.toString(), /^id: 5\nevent: public\.orders\ndata: \{/)
   t.equal(selector.select(new LazyEventView({ id: 6, channel: 'public.orders', data: JSON.stringify(change('INSERT', { status: 'new' })) })), undefined)
   t.equal(selector.select(new LazyEventView({ id: 7, channel: 'public.orders', data: 'not json' })), undefined)
+})
+
+t.test('through the hub: streams with the same filters share one evaluation and one buffer per event', async (t) => {
+  class CountingFilters extends RowFilters {
+    evaluations = 0
+    override matches (payload: unknown): boolean {
+      this.evaluations++
+      return super.matches(payload)
+    }
+  }
+  const hub = new ChannelHub({ listen: async () => {}, unlisten: async () => {} })
+  const made: CountingFilters[] = []
+  const written: Array<{ stream: string, frame: Buffer }> = []
+  const subscribe = async (stream: string, filters: string[]): Promise<void> => {
+    const counting = new CountingFilters(filters.map(parseRowFilter))
+    made.push(counting)
+    const sink: EventSink = { write: (frame) => { written.push({ stream, frame }) } }
+    await hub.subscribe(['public.orders'], sink, filterSelector(counting))
+  }
+  // Five streams, two filter sets (the same filters in another order are the same set).
+  await subscribe('a1', ['status=eq.shipped', 'total=gte.100'])
+  await subscribe('a2', ['total=gte.100', 'status=eq.shipped'])
+  await subscribe('a3', ['status=eq.shipped', 'total=gte.100'])
+  await subscribe('b1', ['status=neq.new'])
+  await subscribe('b2', ['status=neq.new'])
+  const delivered = hub.deliver({ id: 9, channel: 'public.orders', data: JSON.stringify(change('INSERT', { status: 'shipped', total: 120 })) })
+  t.equal(delivered, 5)
+  t.same(written.map((w) => w.stream).sort(), ['a1', 'a2', 'a3', 'b1', 'b2'])
+  t.ok(written.every((w) => w.frame === written[0]?.frame), 'one framed buffer for every stream')
+  t.equal(made.reduce((n, f) => n + f.evaluations, 0), 2, 'one evaluation per filter set, not per stream')
+  written.length = 0
+  hub.deliver({ id: 10, channel: 'public.orders', data: JSON.stringify(change('INSERT', { status: 'shipped', total: 50 })) })
+  t.same(written.map((w) => w.stream).sort(), ['b1', 'b2'], 'a row that passes one set only')
 })
