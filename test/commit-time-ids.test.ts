@@ -179,6 +179,21 @@ t.test('a publish from a session with session_replication_role = replica is publ
   t.equal(await stagedCount(), 0, 'nothing left staged')
 })
 
+t.test('REPEATABLE READ: a commit that would draw from a head older than its snapshot fails with 40001 and publishes nothing; the retry publishes', async (t) => {
+  // The flush updates log_head; a snapshot older than another publish's
+  // commit cannot (a serialization failure), as an UPDATE of any row would.
+  const inbox = await listenOn(t, url, 'rr')
+  const before = await lastId()
+  const { client } = await openTransaction(t, 'SET TRANSACTION ISOLATION LEVEL REPEATABLE READ', "SELECT sse_gateway.publish('rr', 'first try')")
+  const meanwhile = await publishedWithSql(db, 'rr', 'meanwhile')
+  await t.rejects(client.query('COMMIT'), { code: '40001' }, 'COMMIT fails')
+  t.equal(await lastId(), before + 1, 'only the other publish drew an id')
+  t.equal(await stagedCount(), 0, 'nothing left staged')
+  await client.query("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT sse_gateway.publish('rr', 'retried'); COMMIT")
+  await inbox.until(() => inbox.messages.length >= 2, 'two events')
+  t.same(received(inbox, 'rr'), [{ id: Number(meanwhile), data: 'meanwhile' }, { id: Number(meanwhile) + 1, data: 'retried' }])
+})
+
 t.test('a publish checks its arguments at once, not at commit', async (t) => {
   const { client } = await openTransaction(t)
   await t.rejects(client.query("SELECT sse_gateway.publish('not valid', 'x')"), { code: '22023' }, 'a bad channel fails the call')
