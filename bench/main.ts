@@ -24,6 +24,8 @@ const { values: args } = parseArgs({
     'subscriber-workers': { type: 'string', default: '2' },
     'publish-seconds': { type: 'string', default: '5' },
     'flood-mb': { type: 'string', default: '90' },
+    // Another port when another bench may run on the same machine.
+    'gateway-port': { type: 'string', default: '3917' },
     only: { type: 'string' },
     profile: { type: 'boolean', default: false },
     database: { type: 'string', default: process.env.DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres' }
@@ -40,7 +42,7 @@ const WORKERS = Number(args['subscriber-workers'])
 const PUBLISH_SECONDS = Number(args['publish-seconds'])
 const FLOOD_BYTES = Number(args['flood-mb']) * 1024 * 1024
 const WARM_UP_SECONDS = 3
-const GATEWAY_PORT = 3917
+const GATEWAY_PORT = Number(args['gateway-port'])
 const NCHAN_PORT = 3918
 
 function log (line: string): void {
@@ -104,6 +106,58 @@ async function measureFanOut (target: Target, channel: string, batch = 1): Promi
   }
   log(`${target.name}: ${deliveries}/${result.expected} deliveries in ${seconds.toFixed(2)} s = ${(result.perSecond / 1e6).toFixed(3)} M/s, p50 ${result.p50.toFixed(1)} ms, p99 ${result.p99.toFixed(1)} ms${result.publishErrors === '' ? '' : `, publish errors ${result.publishErrors}`}`)
   return result
+}
+
+/** The captured table's changes: `{"op":"INSERT",…}`. */
+const ROW_MARKER = 'data: {"op"'
+// Rows with status s0 … s9 in turn: each filter below passes 9 rows in 10.
+const ROW_FILTERS = Array.from({ length: 10 }, (_, k) => `filter=status=neq.s${k}&filter=total=gte.0`)
+
+/**
+ * Fan-out of row changes: STREAMS streams on one captured table, unfiltered
+ * or split over 10 distinct filter sets (streams with the same filters
+ * share one evaluation and one frame per event), while 16 connections
+ * insert EVENTS rows, one per transaction. Latency is not measured: a
+ * filtered stream's i-th event is not the i-th row.
+ */
+async function measureRowFanOut (gateway: GatewayTarget, filtered: boolean): Promise<FanOut> {
+  const table = filtered ? 'bench_rows_filtered' : 'bench_rows'
+  const db = new pg.Pool({ connectionString: gateway.databaseUrl, max: PUBLISH_CONCURRENCY })
+  try {
+    await db.query(`CREATE TABLE ${table} (id int PRIMARY KEY, status text NOT NULL, total int NOT NULL)`)
+    await db.query('SELECT sse_gateway.capture_changes($1)', [`public.${table}`])
+    const base = gateway.subscribePath(`public.${table}`)
+    const paths = filtered ? ROW_FILTERS.map((f) => `${base}&${f}`) : [base]
+    const perStream = filtered ? EVENTS - EVENTS / 10 : EVENTS
+    // Right after a phase closed its 5,000 streams the gateway may still be
+    // busy enough to shed new ones (a 200 with gateway/unavailable, which
+    // the subscribers would count as open): let it settle.
+    await sleep(3000)
+    const subs = await openSubscribers(gateway, paths, STREAMS, WORKERS, EVENTS, ROW_MARKER)
+    log(`gateway: ${STREAMS - subs.failed} streams on public.${table}${filtered ? `, ${paths.length} filter sets` : ''}; inserting ${EVENTS} rows`)
+    const delivered = subs.expect(perStream)
+    const firstSentAt = now()
+    let next = 0
+    await Promise.all(Array.from({ length: PUBLISH_CONCURRENCY }, async () => {
+      while (next < EVENTS) {
+        const id = next++
+        await db.query(`INSERT INTO ${table} VALUES ($1, $2, $3)`, [id, `s${id % 10}`, id])
+      }
+    }))
+    const delivery: Delivery = await Promise.race([
+      delivered,
+      sleep(120_000).then(() => { throw new Error(`public.${table}: not every event arrived within 120 s`) })
+    ])
+    await subs.close()
+    const deliveries = delivery.received.reduce((a, b) => a + b, 0)
+    const seconds = (delivery.lastReceiveAt - firstSentAt) / 1000
+    const result: FanOut = { streams: STREAMS, events: EVENTS, deliveries, expected: STREAMS * perStream, seconds, perSecond: deliveries / seconds, p50: NaN, p99: NaN, publishErrors: '' }
+    const short = delivery.received.filter((n) => n < perStream).length
+    log(`gateway, row changes${filtered ? ', filtered' : ''}: ${deliveries}/${result.expected} deliveries in ${seconds.toFixed(2)} s = ${(result.perSecond / 1e6).toFixed(3)} M/s${short > 0 ? `; ${short} streams short (${delivery.closedEarly} closed early; cut off: ${await cutOffCount(gateway)} in all)` : ''}`)
+    return result
+  } finally {
+    await db.end()
+  }
 }
 
 interface Publish {
@@ -271,7 +325,8 @@ interface Results {
   machine: string
   command: string
   nchan?: { memory: Memory, fanOut: FanOut }
-  gateway?: { memory: Memory, fanOut: FanOut, fanOutBatched: FanOut, publish: Publish, flood: Flood }
+  gateway?: { memory: Memory, fanOut: FanOut, fanOutBatched: FanOut, rows?: { unfiltered: FanOut, filtered: FanOut }, publish: Publish, flood: Flood }
+  rows?: { fanOut: FanOut, unfiltered: FanOut, filtered: FanOut }
   /** The same fan-out through the Mercure hub: one topic selector, updates on that topic. */
   mercure?: { channelFanOut: FanOut, fanOut: FanOut }
 }
@@ -310,6 +365,18 @@ async function main (): Promise<void> {
     process.stdout.write(table(results) + '\n')
     return
   }
+  if (args.only === 'rows') {
+    // The channel fan-out and the row-change rows, in one run.
+    const gateway = await startGateway({ adminUrl: args.database, port: GATEWAY_PORT, nodeArgs: [], log })
+    try {
+      const fanOut = await measureFanOut(gateway, 'fan')
+      results.rows = { fanOut, unfiltered: await measureRowFanOut(gateway, false), filtered: await measureRowFanOut(gateway, true) }
+    } finally {
+      await gateway.stop()
+    }
+    process.stdout.write(JSON.stringify(results, null, 2) + '\n')
+    return
+  }
   if (args.only !== 'gateway') {
     const nchan = await startNchan({ port: NCHAN_PORT, log })
     try {
@@ -327,10 +394,11 @@ async function main (): Promise<void> {
       const memory = await measureMemory(gateway, 'idle', IDLE_STREAMS)
       const fanOut = await measureFanOut(gateway, 'fan')
       const fanOutBatched = await measureFanOut(gateway, 'fan2', FAN_OUT_BATCH)
+      const rows = { unfiltered: await measureRowFanOut(gateway, false), filtered: await measureRowFanOut(gateway, true) }
       results.mercure = await measureMercure(gateway, fanOut)
       const publish = await measurePublish(gateway)
       const flood = await measureFlood(gateway)
-      results.gateway = { memory, fanOut, fanOutBatched, publish, flood }
+      results.gateway = { memory, fanOut, fanOutBatched, rows, publish, flood }
     } finally {
       await gateway.stop()
     }
@@ -356,6 +424,9 @@ function table ({ machine, command, nchan, gateway, mercure }: Results): string 
     ['  latency p99 (ms)', ms(nf?.p99), ms(gf?.p99), x(gf?.p99, nf?.p99), '≤ 1×'],
     [`  gateway, the same events published ${FAN_OUT_BATCH} per POST /events: deliveries/s (M)`, '', m(gateway?.fanOutBatched.perSecond), x(gateway?.fanOutBatched.perSecond, nf?.perSecond), ''],
     ['    every event delivered / p50 / p99 (ms)', '', gateway === undefined ? '—' : `${gateway.fanOutBatched.deliveries}/${gateway.fanOutBatched.expected} / ${ms(gateway.fanOutBatched.p50)} / ${ms(gateway.fanOutBatched.p99)}`, '', ''],
+    [`  gateway, ${EVENTS} row changes of a captured table (INSERTs, ${PUBLISH_CONCURRENCY} connections), unfiltered: deliveries/s (M)`, '', m(gateway?.rows?.unfiltered.perSecond), x(gateway?.rows?.unfiltered.perSecond, gf?.perSecond) + ' of fan-out', ''],
+    ['    the same, 10 distinct filter sets (each passes 9 rows in 10): deliveries/s (M)', '', m(gateway?.rows?.filtered.perSecond), x(gateway?.rows?.filtered.perSecond, gf?.perSecond) + ' of fan-out', '≥ 0.5×'],
+    ['    every event delivered, unfiltered / filtered', '', gateway?.rows === undefined ? '—' : `${gateway.rows.unfiltered.deliveries}/${gateway.rows.unfiltered.expected} / ${gateway.rows.filtered.deliveries}/${gateway.rows.filtered.expected}`, '', 'all'],
     [`memory per idle stream, ${IDLE_STREAMS} streams (KiB)`, kb(nchan?.memory.bytesPerStream), kb(gateway?.memory.bytesPerStream), x(gateway?.memory.bytesPerStream, nchan?.memory.bytesPerStream), '≤ 8 KB'],
     ['  streams held', nchan === undefined ? '—' : String(nchan.memory.opened), gateway === undefined ? '—' : String(gateway.memory.opened), '', `${IDLE_STREAMS}`]
   ]
