@@ -111,9 +111,9 @@ BEGIN
     -- timeline nothing was committed since the promotion (this is its
     -- first draw), so any snapshot sees the last event kept. The
     -- sequences are not rolled back: should this transaction abort, the
-    -- jump stays but its log_forks row goes. Streams running through the
-    -- fork are still told (their listener finds the head behind its
-    -- position); a client resuming later with a lost id is not.
+    -- jump stays but its log_forks row goes, and whoever holds an id the
+    -- old timeline lost may then not be told (gateway/missed) what was
+    -- lost. Rare: the first draw after a promotion, aborted after it.
     fork_id := sse_gateway.log_head_id();
     first_id := greatest(pg_sequence_last_value('sse_gateway.event_ids'), fork_id) + 1000000000000;
     PERFORM setval('sse_gateway.event_ids', first_id);
