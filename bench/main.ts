@@ -265,7 +265,7 @@ async function measureFlood (gateway: GatewayTarget): Promise<Flood> {
   const events = batches * perBatch
   const db = new pg.Client({ connectionString: gateway.databaseUrl })
   await db.connect()
-  const { rows } = await db.query<{ head: string }>('SELECT last_id::text AS head FROM sse_gateway.log_head')
+  const { rows } = await db.query<{ head: string }>('SELECT sse_gateway.log_head_id()::text AS head')
   await db.end()
   const head = rows[0]?.head ?? '0'
   const others = await openSubscribers(gateway, gateway.subscribePath('flood'), 20, 1, events)
