@@ -190,7 +190,9 @@ export class RowFilters {
       row = op === 'DELETE' ? payload.old : payload.new
       truncated = payload.truncated === true
     }
-    if (!isObject(row)) return false
+    // A row cut down to nothing (its key alone too large, or no key) still
+    // passes, as a truncated row passes filters on the columns it lacks.
+    if (!isObject(row)) return truncated
     for (const filter of this.filters) {
       const present = Object.hasOwn(row, filter.column)
       if (!present && truncated) continue

@@ -159,7 +159,7 @@ t.test('options: another channel, some columns; capture_changes replaces, both c
   await db.query("SELECT sse_gateway.capture_changes('opts')")
   const { rows: [again] } = await db.query<{ channel: string }>("SELECT sse_gateway.capture_changes('public.opts', 'shop:orders', ARRAY['status']) AS channel")
   t.equal(again?.channel, 'shop:orders')
-  t.same(await triggers(), ['sse_gateway_capture_delete', 'sse_gateway_capture_insert', 'sse_gateway_capture_truncate', 'sse_gateway_capture_update'], 'one set of triggers')
+  t.same(await triggers(), ['sse_gateway_capture_delete', 'sse_gateway_capture_delete_stage', 'sse_gateway_capture_insert', 'sse_gateway_capture_insert_stage', 'sse_gateway_capture_truncate', 'sse_gateway_capture_truncate_stage', 'sse_gateway_capture_update', 'sse_gateway_capture_update_stage'], 'one set of triggers')
   const inbox = await listenOn(t, url, 'shop:orders', 'public.opts')
   await db.query("INSERT INTO opts (status, total) VALUES ('picked', 5)")
   t.same(await changes(inbox, 'shop:orders', 1), [{ ...head('INSERT', 'opts'), new: { status: 'picked' } }], 'only the columns asked for, on the channel named')
@@ -229,6 +229,53 @@ t.test('a role with no rights on the sse_gateway schema writes a captured table 
   await t.rejects(client.query("SELECT sse_gateway.publish('x', 'y')"), { code: '42501' }, 'it may not publish itself')
   await client.query("INSERT INTO shared (status) VALUES ('by the app role')")
   t.same((await changes(inbox, 'public.shared', 1)).map((c) => c.new?.status), ['by the app role'])
+})
+
+t.test('the rows are made with the writer\'s rights: code of the user\'s that to_jsonb runs is never run as the log\'s owner', async (t) => {
+  const role = `pgsse_owner_${process.pid}`
+  await db.query(`CREATE ROLE ${role}; CREATE SCHEMA ${role} AUTHORIZATION ${role}`)
+  t.teardown(async () => { await db.query(`DROP SCHEMA ${role} CASCADE; DROP OWNED BY ${role}; DROP ROLE ${role}`) })
+  const owner = await connect(t, url)
+  await owner.query(`SET ROLE ${role}`)
+  await owner.query(`CREATE TABLE ${role}.items (id int PRIMARY KEY); CREATE TABLE ${role}.proof (who text)`)
+  await db.query(`SELECT sse_gateway.capture_changes('${role}.items', 'owned.items')`)
+  // A type of the table owner's own, with a cast to json that records who runs it.
+  await owner.query(`CREATE TYPE ${role}.mood AS ENUM ('x');
+    CREATE FUNCTION ${role}.mood_json(${role}.mood) RETURNS json LANGUAGE sql AS $$ INSERT INTO ${role}.proof SELECT current_user; SELECT '"x"'::json $$;
+    CREATE CAST (${role}.mood AS json) WITH FUNCTION ${role}.mood_json(${role}.mood);
+    ALTER TABLE ${role}.items ADD COLUMN m ${role}.mood`)
+  const inbox = await listenOn(t, url, 'owned.items')
+  await owner.query(`INSERT INTO ${role}.items VALUES (1, 'x')`)
+  t.same((await changes(inbox, 'owned.items', 1)).map((c) => c.new), [{ id: 1, m: 'x' }], 'the row is published')
+  const { rows } = await db.query<{ who: string }>(`SELECT who FROM ${role}.proof`)
+  t.same(rows.map((r) => r.who), [role], 'the cast ran as the writer, not as the log\'s owner')
+})
+
+t.test('installing the staging trigger is the right to publish: a role with USAGE on the schema cannot publish on a channel of its choosing through it', async (t) => {
+  const role = `pgsse_rogue_${process.pid}`
+  await db.query(`CREATE ROLE ${role}; GRANT USAGE ON SCHEMA sse_gateway TO ${role}; GRANT CREATE ON SCHEMA public TO ${role}`)
+  t.teardown(async () => { await db.query(`DROP OWNED BY ${role}; REVOKE ALL ON SCHEMA public FROM ${role}; REVOKE ALL ON SCHEMA sse_gateway FROM ${role}; DROP ROLE ${role}`) })
+  const rogue = await connect(t, url)
+  await rogue.query(`SET ROLE ${role}`)
+  await rogue.query('CREATE TABLE rogue_table (id int)')
+  await t.rejects(rogue.query("CREATE TRIGGER z AFTER INSERT ON rogue_table FOR EACH STATEMENT EXECUTE FUNCTION sse_gateway.stage_row_changes('anything')"), { code: '42501' }, 'EXECUTE on stage_row_changes is the log owner\'s')
+  // The payload half alone publishes nothing.
+  await rogue.query("CREATE TRIGGER z AFTER INSERT ON rogue_table REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION sse_gateway.capture_row_changes('anything')")
+  const { rows: [before] } = await db.query<{ head: string }>('SELECT sse_gateway.log_head_id()::text AS head')
+  await rogue.query('INSERT INTO rogue_table VALUES (1)')
+  const { rows: [after] } = await db.query<{ head: string }>('SELECT sse_gateway.log_head_id()::text AS head')
+  t.equal(after?.head, before?.head, 'nothing was published')
+})
+
+t.test('a row whose JSON PostgreSQL cannot make is told as truncated, and the write succeeds', async (t) => {
+  await table(t, 'huge', 'id int PRIMARY KEY, body text')
+  await db.query("SELECT sse_gateway.capture_changes('huge')")
+  const inbox = await listenOn(t, url, 'public.huge')
+  // Past jsonb's 256 MB string limit (54000), fine as text.
+  await db.query("INSERT INTO huge VALUES (1, repeat('x', 270000000))")
+  t.same(await changes(inbox, 'public.huge', 1), [{ ...head('INSERT', 'huge'), truncated: true }])
+  const { rows: [row] } = await db.query<{ n: number }>('SELECT length(body) AS n FROM huge')
+  t.equal(row?.n, 270000000, 'the row is written')
 })
 
 t.test('through the gateway: a stream on the captured table\'s channel gets each change with an id, and resumes', async (t) => {

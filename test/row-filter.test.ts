@@ -137,6 +137,7 @@ t.test('which row a row-change event is tested on', async (t) => {
   t.ok(passes(['status=eq.shipped'], truncated), 'a truncated row passes a filter on a column it lacks')
   t.ok(passes(['id=eq.7', 'status=eq.shipped'], truncated), 'and is tested on its key')
   t.notOk(passes(['id=eq.8'], truncated))
+  t.ok(passes(['status=eq.shipped'], { op: 'INSERT', schema: 'public', table: 'orders', truncated: true }), 'a row cut down to nothing (its key too large) passes too')
   t.notOk(passes(['status=eq.x'], { op: 'INSERT', schema: 'public', table: 'orders' }), 'a row-change event without its row matches nothing')
 })
 

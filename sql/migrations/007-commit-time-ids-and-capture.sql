@@ -302,19 +302,33 @@ AS $fn$
   SELECT CASE WHEN object IS NOT NULL THEN (SELECT coalesce(jsonb_object_agg(e.key, e.value), '{}') FROM jsonb_each(object) AS e WHERE e.key = ANY(keys)) END
 $fn$;
 
--- capture_row_changes is the trigger function of the statement-level
--- triggers capture_changes installs: one event per row, in the order the
--- statement changed the rows, staged like a publish. It runs as the log's
--- owner, so that any role that writes the table publishes without rights
--- on this schema, and raises nothing of its own: a row too large for
--- max_payload_bytes becomes an event with its primary key only and
--- "truncated": true. UPDATE pairs the old and new transition tables by
--- position: PostgreSQL appends a row's old and new versions together.
--- Arguments: the channel, then optionally the columns (a text[] literal).
+-- Each captured statement runs two statement-level triggers, one after the
+-- other (PostgreSQL fires a table's triggers in name order):
+--
+-- 1. capture_row_changes, with the writer's rights (SECURITY INVOKER), makes
+--    the payloads: one per row, in the order the statement changed them.
+--    to_jsonb may run code of the user's (a cast to json of their own type),
+--    so it must never run as the log's owner. It hands the payloads on in
+--    settings local to the transaction, tagged with the table, operation
+--    and trigger depth. It needs no rights on this schema: a trigger's
+--    function is called by its oid, and it reads nothing here.
+-- 2. stage_row_changes, as the log's owner (SECURITY DEFINER, EXECUTE
+--    revoked from PUBLIC: installing it is the right to publish captured
+--    rows), checks the tag, takes the payloads, cuts a row too large for
+--    max_payload_bytes down to its primary key with "truncated": true
+--    (reading the JSON text back runs no user code), and stages them on the
+--    channel, which it checks as a publish would.
+--
+-- Neither raises anything of its own on the user's rows: a row whose JSON
+-- PostgreSQL cannot make (a value past jsonb's 256 MB string limit)
+-- becomes an event with "truncated": true and no row at all. UPDATE pairs
+-- the old and new transition tables by position: PostgreSQL appends a row's
+-- old and new versions together. Arguments of both: the channel, then
+-- optionally the columns (a text[] literal).
 CREATE FUNCTION sse_gateway.capture_row_changes()
 RETURNS trigger
 LANGUAGE plpgsql
-SECURITY DEFINER
+SECURITY INVOKER
 -- A custom plan per statement cost 1 ms a call (the queries take arrays
 -- and transition tables the planner cannot see into); the generic plan
 -- does as well.
@@ -327,36 +341,66 @@ DECLARE
   olds jsonb[];
   news jsonb[];
   payloads text[];
+BEGIN
+  BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+      payloads := ARRAY[head || '}'];
+    ELSIF TG_OP = 'INSERT' THEN
+      SELECT array_agg(head || ',"new":' || (CASE WHEN columns IS NULL THEN to_jsonb(r) ELSE (SELECT coalesce(jsonb_object_agg(e.key, e.value), '{}') FROM jsonb_each(to_jsonb(r)) AS e WHERE e.key = ANY(columns)) END)::text || '}')
+      INTO payloads FROM new_rows AS r;
+    ELSIF TG_OP = 'DELETE' THEN
+      SELECT array_agg(head || ',"old":' || (CASE WHEN columns IS NULL THEN to_jsonb(r) ELSE (SELECT coalesce(jsonb_object_agg(e.key, e.value), '{}') FROM jsonb_each(to_jsonb(r)) AS e WHERE e.key = ANY(columns)) END)::text || '}')
+      INTO payloads FROM old_rows AS r;
+    ELSE
+      SELECT array_agg(CASE WHEN columns IS NULL THEN to_jsonb(r) ELSE (SELECT coalesce(jsonb_object_agg(e.key, e.value), '{}') FROM jsonb_each(to_jsonb(r)) AS e WHERE e.key = ANY(columns)) END) INTO olds FROM old_rows AS r;
+      SELECT array_agg(CASE WHEN columns IS NULL THEN to_jsonb(r) ELSE (SELECT coalesce(jsonb_object_agg(e.key, e.value), '{}') FROM jsonb_each(to_jsonb(r)) AS e WHERE e.key = ANY(columns)) END) INTO news FROM new_rows AS r;
+      SELECT array_agg(head || ',"new":' || u.n::text || ',"old":' || u.o::text || '}' ORDER BY u.k)
+      INTO payloads FROM unnest(olds, news) WITH ORDINALITY AS u(o, n, k);
+    END IF;
+  EXCEPTION WHEN program_limit_exceeded THEN
+    -- A value too large for jsonb: the rows are told, without their values.
+    IF TG_OP = 'INSERT' THEN
+      SELECT array_agg(head || ',"truncated":true}') INTO payloads FROM new_rows;
+    ELSE
+      SELECT array_agg(head || ',"truncated":true}') INTO payloads FROM old_rows;
+    END IF;
+  END;
+  PERFORM set_config('sse_gateway.captured_rows', coalesce(payloads::text, ''), true);
+  PERFORM set_config('sse_gateway.captured_tag', TG_RELID::text || ':' || TG_OP || ':' || pg_trigger_depth(), true);
+  RETURN NULL;
+END
+$fn$;
+
+CREATE FUNCTION sse_gateway.stage_row_changes()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET plan_cache_mode = force_generic_plan
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+  tag text := current_setting('sse_gateway.captured_tag', true);
+  handed text := current_setting('sse_gateway.captured_rows', true);
+  head text := '{"op":"' || TG_OP || '","schema":' || to_jsonb(TG_TABLE_SCHEMA::text)::text || ',"table":' || to_jsonb(TG_TABLE_NAME::text)::text;
+  payloads text[];
   longest integer;
   max_bytes integer;
   key text[];
 BEGIN
-  IF TG_OP = 'TRUNCATE' THEN
-    PERFORM sse_gateway.stage_checked(ARRAY[TG_ARGV[0]], ARRAY[head || '}']);
+  PERFORM set_config('sse_gateway.captured_rows', '', true);
+  PERFORM set_config('sse_gateway.captured_tag', '', true);
+  IF tag IS DISTINCT FROM TG_RELID::text || ':' || TG_OP || ':' || pg_trigger_depth() THEN
+    -- Not what this statement's capture_row_changes handed on: a trigger
+    -- installed apart from capture_changes, or one disabled.
+    RAISE WARNING 'sse_gateway: no captured rows to publish for this % on %', TG_OP, TG_RELID::regclass;
     RETURN NULL;
-  ELSIF TG_OP = 'INSERT' THEN
-    SELECT array_agg(p), max(octet_length(p)) INTO payloads, longest FROM (
-      SELECT head || ',"new":' || (CASE WHEN columns IS NULL THEN to_jsonb(r) ELSE sse_gateway.pick_keys(to_jsonb(r), columns) END)::text || '}' AS p
-      FROM new_rows AS r
-    ) AS e;
-  ELSIF TG_OP = 'DELETE' THEN
-    SELECT array_agg(p), max(octet_length(p)) INTO payloads, longest FROM (
-      SELECT head || ',"old":' || (CASE WHEN columns IS NULL THEN to_jsonb(r) ELSE sse_gateway.pick_keys(to_jsonb(r), columns) END)::text || '}' AS p
-      FROM old_rows AS r
-    ) AS e;
-  ELSE
-    SELECT array_agg(CASE WHEN columns IS NULL THEN to_jsonb(r) ELSE sse_gateway.pick_keys(to_jsonb(r), columns) END) INTO olds FROM old_rows AS r;
-    SELECT array_agg(CASE WHEN columns IS NULL THEN to_jsonb(r) ELSE sse_gateway.pick_keys(to_jsonb(r), columns) END) INTO news FROM new_rows AS r;
-    SELECT array_agg(p ORDER BY k), max(octet_length(p)) INTO payloads, longest FROM (
-      SELECT k, head || ',"new":' || n::text || ',"old":' || o::text || '}' AS p
-      FROM unnest(olds, news) WITH ORDINALITY AS u(o, n, k)
-    ) AS e;
   END IF;
+  payloads := nullif(handed, '')::text[];
   IF payloads IS NULL THEN
     -- A statement that changed no row.
     RETURN NULL;
   END IF;
-
+  SELECT max(octet_length(p)) INTO longest FROM unnest(payloads) AS p;
   SELECT s.max_payload_bytes INTO max_bytes FROM sse_gateway.settings AS s;
   IF longest > max_bytes THEN
     -- Rows too large: their primary key only (or nothing, if even that is too large).
@@ -378,27 +422,38 @@ BEGIN
     ) AS keyed;
   END IF;
 
+  -- The channel is checked as a publish's is: a trigger installed by hand
+  -- with another argument publishes nowhere the gateway would refuse.
+  PERFORM sse_gateway.check_batch(array_fill(TG_ARGV[0], ARRAY[cardinality(payloads)]), payloads);
   PERFORM sse_gateway.stage_checked(array_fill(TG_ARGV[0], ARRAY[cardinality(payloads)]), payloads);
   RETURN NULL;
 END
 $fn$;
+REVOKE ALL ON FUNCTION sse_gateway.stage_row_changes() FROM PUBLIC;
 
 -- The triggers capture_changes installs on a table, by the statement they follow.
+-- Each pair fires in name order: the payloads, then their staging.
 CREATE FUNCTION sse_gateway.capture_trigger_names()
-RETURNS TABLE (name text, operation text, transition text)
+RETURNS TABLE (name text, operation text, transition text, function text)
 LANGUAGE sql
 IMMUTABLE
 AS $fn$
-  VALUES ('sse_gateway_capture_insert', 'INSERT', 'REFERENCING NEW TABLE AS new_rows'),
-         ('sse_gateway_capture_update', 'UPDATE', 'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows'),
-         ('sse_gateway_capture_delete', 'DELETE', 'REFERENCING OLD TABLE AS old_rows'),
-         ('sse_gateway_capture_truncate', 'TRUNCATE', '')
+  VALUES ('sse_gateway_capture_insert', 'INSERT', 'REFERENCING NEW TABLE AS new_rows', 'capture_row_changes'),
+         ('sse_gateway_capture_insert_stage', 'INSERT', '', 'stage_row_changes'),
+         ('sse_gateway_capture_update', 'UPDATE', 'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows', 'capture_row_changes'),
+         ('sse_gateway_capture_update_stage', 'UPDATE', '', 'stage_row_changes'),
+         ('sse_gateway_capture_delete', 'DELETE', 'REFERENCING OLD TABLE AS old_rows', 'capture_row_changes'),
+         ('sse_gateway_capture_delete_stage', 'DELETE', '', 'stage_row_changes'),
+         ('sse_gateway_capture_truncate', 'TRUNCATE', '', 'capture_row_changes'),
+         ('sse_gateway_capture_truncate_stage', 'TRUNCATE', '', 'stage_row_changes')
 $fn$;
 
 -- Publishes every committed INSERT, UPDATE, DELETE and TRUNCATE of a table
 -- on a channel (by default "schema.table"), with the given columns (by
 -- default all). Runs with the caller's rights: creating triggers on the
--- table needs its owner. Idempotent: called again, it replaces the
+-- table needs its owner, and EXECUTE on stage_row_changes, which only the
+-- log's owner has unless granted (the right to publish captured rows).
+-- Idempotent: called again, it replaces the
 -- triggers (another channel, other columns). Returns the channel.
 -- SQLSTATE 22023 for a channel name the gateway refuses, 42703 for a
 -- column the table does not have.
@@ -426,8 +481,8 @@ BEGIN
   END IF;
   PERFORM sse_gateway.stop_capturing_changes(relation);
   FOR t IN SELECT * FROM sse_gateway.capture_trigger_names() LOOP
-    EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION sse_gateway.capture_row_changes(%L%s)',
-      t.name, t.operation, relation, t.transition, target, CASE WHEN columns IS NULL THEN '' ELSE format(', %L', columns::text) END);
+    EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION sse_gateway.%I(%L%s)',
+      t.name, t.operation, relation, t.transition, t.function, target, CASE WHEN columns IS NULL THEN '' ELSE format(', %L', columns::text) END);
   END LOOP;
   RETURN target;
 END
