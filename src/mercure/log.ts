@@ -22,7 +22,8 @@ export async function findUpdate (db: pg.Pool | pg.ClientBase, mercureId: string
 /** The Mercure id of the last update in the log, or `earliest` when there is none (the subscriptions API's cursor). */
 export async function lastUpdateId (db: pg.Pool | pg.ClientBase): Promise<string> {
   const { rows } = await db.query<{ id: string | null }>(
-    `SELECT payload::jsonb ->> 'id' AS id FROM ${LOG_SCHEMA}.events WHERE channel = '${MERCURE_CHANNEL}' ORDER BY id DESC LIMIT 1`
+    // e.id, the log's: a bare `id` would name the output column, the Mercure id.
+    `SELECT e.payload::jsonb ->> 'id' AS id FROM ${LOG_SCHEMA}.events AS e WHERE e.channel = '${MERCURE_CHANNEL}' ORDER BY e.id DESC LIMIT 1`
   )
   return rows[0]?.id ?? 'earliest'
 }

@@ -90,7 +90,8 @@ function compileUrlPattern (pattern: string, baseUrl: string): RE2JS[] {
   }
   if (sources.length < COMPONENTS.length) throw new InvalidSelectorError('not a valid URL pattern')
   try {
-    return sources.slice(-COMPONENTS.length).map((source) => RE2JS.compile(source))
+    // The polyfill writes "any character" as JavaScript's [^], which RE2 lacks.
+    return sources.slice(-COMPONENTS.length).map((source) => RE2JS.compile(source.replaceAll('[^]', '[\\s\\S]')))
   } catch {
     // Backreferences and lookarounds in a custom group: RE2 has neither.
     throw new InvalidSelectorError('a URL pattern\'s regular expression groups may not use backreferences or lookarounds')

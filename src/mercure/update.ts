@@ -62,6 +62,27 @@ function checkText (name: string, value: string, limits: UpdateLimits): void {
 }
 
 /**
+ * Whether a topic's path has a dot segment (`.` or `..`, plain or
+ * percent-encoded, between `/` or `\\`, which URL parsers read as `/`):
+ * publish grants are matched against the topic as written, URL patterns
+ * against the topic resolved, so `/public/../secret` would pass a grant of
+ * `/public/{+x}` and reach subscribers of `/secret`. Mercure's topics are
+ * identifiers, never such paths: they are refused.
+ */
+export function hasDotSegment (topic: string): boolean {
+  let end = topic.length
+  for (const mark of ['?', '#']) {
+    const at = topic.indexOf(mark)
+    if (at >= 0 && at < end) end = at
+  }
+  for (const segment of topic.slice(0, end).replaceAll('\\', '/').split('/')) {
+    const plain = segment.toLowerCase().replaceAll('%2e', '.')
+    if (plain === '.' || plain === '..') return true
+  }
+  return false
+}
+
+/**
  * Whether a topic addresses the hub's reserved namespace (its URL's path,
  * or below it), resolved against the hub's URL with dot segments removed
  * and unreserved characters decoded, as Mercure 1.0 says: subscription
@@ -103,6 +124,7 @@ export function parsePublishForm (body: string, limits: UpdateLimits): MercureUp
     checkText('topic', topic, limits)
     if (topic === '*') throw new InvalidUpdateError('the topic * is reserved: it matches every topic')
     if (addressesHub(topic, limits.hubUrl)) throw new InvalidUpdateError('topics under the hub\'s own path are reserved for the hub')
+    if (hasDotSegment(topic)) throw new InvalidUpdateError('a topic may not have . or .. path segments (plain or percent-encoded): resolved, it would name another topic than the one authorized')
   }
   const id = form.get('id') ?? undefined
   if (id !== undefined) {
@@ -120,10 +142,12 @@ export function parsePublishForm (body: string, limits: UpdateLimits): MercureUp
     if (!/^[0-9]{1,10}$/.test(retryText)) throw new InvalidUpdateError('retry must be a number of milliseconds, in digits')
     retry = Number(retryText)
   }
+  const data = form.get('data') ?? ''
+  if (data.includes('\0')) throw new InvalidUpdateError('data may not contain NUL (U+0000): PostgreSQL text cannot hold it')
   return {
     id: id ?? newUpdateId(),
     topics,
-    data: form.get('data') ?? '',
+    data,
     private: form.has('private'),
     type: type === '' ? undefined : type,
     retry

@@ -377,27 +377,29 @@ function subscriptionsApi (app: FastifyInstance, subscriptions: ActiveSubscripti
     const { a, b, c } = request.params
     // Mercure 1.0's paths start with a matcher type; draft-07's with a topic.
     const modern = c !== undefined || (b !== undefined && MODERN_TYPES.has(a ?? '')) || (a === undefined && verified.grants.generation === '1.0')
+    if (modern && a !== undefined && !MODERN_TYPES.has(a)) throw new BadRequestError('unknown matcher type: exact or urlpattern')
+    const single = modern ? c !== undefined : b !== undefined
     let rows: SubscriptionRow[]
-    let single = false
-    if (a === undefined) {
-      rows = await subscriptions.list()
-    } else if (modern) {
-      if (!MODERN_TYPES.has(a)) throw new BadRequestError('unknown matcher type: exact or urlpattern')
-      rows = await subscriptions.list({ type: a as SelectorType, match: b, subscriber: c })
-      single = c !== undefined
-    } else {
-      rows = await subscriptions.list({ type: 'legacy', match: a, subscriber: b })
-      single = b !== undefined
+    let lastEventId: string
+    try {
+      if (a === undefined) rows = await subscriptions.list()
+      else if (modern) rows = await subscriptions.list({ type: a as SelectorType, match: b, subscriber: c })
+      else rows = await subscriptions.list({ type: 'legacy', match: a, subscriber: b })
+      lastEventId = await lastUpdateId(app.pg.pool)
+    } catch (err) {
+      // A fault of the database's: the client may come back (503), never a 500.
+      request.log.warn({ err: { message: (err as Error).message } }, 'reading the subscriptions failed')
+      throw new UnavailableError('the subscriptions cannot be read right now; retry shortly')
     }
     if (single && rows.length === 0) {
       reply.code(404)
       return { statusCode: 404, error: 'Not Found', message: 'no such subscription' }
     }
-    const lastEventId = await lastUpdateId(app.pg.pool)
     const documents = rows.map((row: Subscription) => subscriptionDocument(options.hubPath, row, true))
     reply.header('cache-control', 'must-revalidate')
     if (modern) {
-      reply.header('link', `<${options.hubUrl}>; rel="mercure"; last-event-id="${lastEventId.replace(/["\\]/g, '')}"; type="mercure"; content-type="application/json"`)
+      // Header values travel as bytes: the id's UTF-8, as on a stream's Last-Event-ID.
+      reply.header('link', Buffer.from(`<${options.hubUrl}>; rel="mercure"; last-event-id="${lastEventId.replace(/["\\]/g, '')}"; type="mercure"; content-type="application/json"`).toString('latin1'))
       reply.header('access-control-expose-headers', 'Link')
       reply.type('application/json; charset=utf-8')
       return single ? documents[0] : { id: path, type: 'subscriptions', subscriptions: documents }

@@ -91,3 +91,9 @@ t.test('a selector is compiled once per type and value, and remembers its answer
   t.ok(matcher.matchesAny([first], ['nope', 'https://e/9']), 'any topic of any selector')
   t.notOk(matcher.matchesAny([first], ['nope']))
 })
+
+t.test('URL patterns whose groups the polyfill writes with [^] (search, hash, non-special schemes) compile and match', async (t) => {
+  t.ok(matches('urlpattern', 'https://example.com/search?q=:term', 'https://example.com/search?q=books'))
+  t.ok(matches('urlpattern', 'https://example.com/x#:frag', 'https://example.com/x#top'))
+  t.notOk(matches('urlpattern', 'https://example.com/x#:frag', 'https://example.com/y#top'))
+})

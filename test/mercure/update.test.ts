@@ -1,6 +1,6 @@
 import { createParser, type EventSourceMessage } from 'eventsource-parser'
 import t from 'tap'
-import { addressesHub, decodeUpdatePayload, encodeUpdatePayload, frameUpdate, InvalidUpdateError, type MercureUpdate, parsePublishForm } from '../../src/mercure/update.js'
+import { addressesHub, hasDotSegment, decodeUpdatePayload, encodeUpdatePayload, frameUpdate, InvalidUpdateError, type MercureUpdate, parsePublishForm } from '../../src/mercure/update.js'
 import { FRAMING_CASES } from '../helper.js'
 
 const HUB = 'https://hub.example/.well-known/mercure'
@@ -77,4 +77,18 @@ t.test('framing: id, event only with a type, retry when set, data split on CR, L
   for (const [data, expected] of FRAMING_CASES) {
     t.equal(read(frameUpdate({ id: 'i', topics: ['a'], data, private: false })).events[0]?.data, expected, JSON.stringify(data))
   }
+})
+
+t.test('a topic with a dot segment is refused: a grant matched on its text would not match what it resolves to', async (t) => {
+  for (const topic of ['https://example.com/public/../secret/1', '/public/../admin/x', 'https://example.com/public/%2e%2E', 'https://example.com/public\\..\\secret', 'https://example.com/a/./b', '..']) {
+    t.throws(() => parsePublishForm(form([['topic', topic]]), limits), InvalidUpdateError, topic)
+  }
+  for (const topic of ['https://example.com/a.b/..c', 'https://example.com/a?q=/../', 'urn:x:..', 'https://example.com/x#/../']) {
+    t.doesNotThrow(() => parsePublishForm(form([['topic', topic]]), limits), `${topic} has none`)
+  }
+  t.notOk(hasDotSegment('https://example.com/...'), 'three dots are a name')
+})
+
+t.test('data with NUL is a 400, not a fault of the database', async (t) => {
+  t.throws(() => parsePublishForm(form([['topic', 'x'], ['data', 'a\0b']]), limits), InvalidUpdateError)
 })
