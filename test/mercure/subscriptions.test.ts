@@ -83,6 +83,23 @@ t.test('Mercure 1.0: typed events and the API with its Link cursor', async (t) =
   await errorBody(t, await api(gateway, '', sign({ mercure: { subscribe: ['https://example.com/{x}'] } })), 403)
 })
 
+t.test('the API\'s cursor is the last update in log order, whatever its id, and any id fits the Link header', async (t) => {
+  const gateway = await startGateway(t, ENV)
+  const publisher = sign({ mercure: { publish: ['*'] } })
+  const publish = async (id: string): Promise<void> => {
+    const res = await fetch(`${gateway.baseUrl}/.well-known/mercure`, { method: 'POST', headers: { authorization: `Bearer ${publisher}`, 'content-type': 'application/x-www-form-urlencoded' }, body: new URLSearchParams([['topic', 'https://example.com/c'], ['id', id]]).toString() })
+    t.equal(res.status, 200, `published ${id}`)
+  }
+  await publish('\uffff last in text order, first in the log')
+  await publish('aaa')
+  const legacy = await (await api(gateway, '', LEGACY_WATCHER)).json() as { lastEventID: string }
+  t.equal(legacy.lastEventID, 'aaa', 'the newest update, not the greatest id')
+  await publish('日本 €')
+  const list = await api(gateway, '/exact/x', MODERN_WATCHER)
+  t.equal(list.status, 200, 'answered, not a 500')
+  t.match(list.headers.get('link'), /; last-event-id="[^"]+"; /, 'the cursor in the header (the id\'s UTF-8 as header bytes)')
+})
+
 t.test('an instance that stops without a word is swept by the others: its subscriptions are told ended', async (t) => {
   const database = await createDatabase(t)
   const client = await connect(t, database)
