@@ -13,8 +13,9 @@ interface Served {
   stream: Subscriber
   /** What the seam writes to: the response, its queue and its bound. */
   writer: EventStream
-  res: ServerResponse
-  /** Every chunk handed to res.write, in order. */
+  /** The connection, once the stream has taken it over. */
+  socket: Socket
+  /** Every chunk written to the socket after the head, in order, without its chunk framing. */
   writes: Buffer[]
   cutOff: () => number
   /** Frames the cut-offs threw away. */
@@ -66,6 +67,14 @@ class RawClient {
   }
 }
 
+/** The data of one HTTP/1.1 chunk (`size CRLF data CRLF`), checking its framing. */
+function unframe (chunk: Buffer): Buffer {
+  const eol = chunk.indexOf('\r\n')
+  const size = parseInt(chunk.subarray(0, eol).toString('latin1'), 16)
+  if (eol < 1 || chunk.length !== eol + 2 + size + 2 || chunk.subarray(-2).toString() !== '\r\n') throw new Error(`not one HTTP/1.1 chunk: ${JSON.stringify(chunk.toString('latin1').slice(0, 40))}`)
+  return chunk.subarray(eol + 2, eol + 2 + size)
+}
+
 /** An HTTP server whose every request becomes an EventStream, closed when the test ends. */
 async function serve (t: Test, options: Partial<EventStreamOptions> = {}): Promise<{ open: () => Promise<[Served, RawClient]> }> {
   const waiting: Array<(served: Served) => void> = []
@@ -75,11 +84,7 @@ async function serve (t: Test, options: Partial<EventStreamOptions> = {}): Promi
     let cutOffs = 0
     let dropped = 0
     const writes: Buffer[] = []
-    const write = res.write.bind(res) as (chunk: Buffer | string) => boolean
-    res.write = ((chunk: Buffer | string) => {
-      writes.push(Buffer.from(chunk))
-      return write(chunk)
-    }) as typeof res.write
+    const socket = res.socket as Socket
     const writer = new EventStream(res, {
       maxBufferedBytes: 256 * 1024,
       line,
@@ -89,8 +94,12 @@ async function serve (t: Test, options: Partial<EventStreamOptions> = {}): Promi
     // Live events held during set-up count toward the same bound.
     const stream = new Subscriber(writer, options.maxBufferedBytes ?? 256 * 1024)
     writer.open(EVENT_STREAM_HEADERS, 'retry: 1000\n\n')
-    writes.length = 0
-    waiting.shift()?.({ stream, writer, res, writes, cutOff: () => cutOffs, dropped: () => dropped })
+    const write = socket.write.bind(socket) as (chunk: Buffer) => boolean
+    socket.write = ((chunk: Buffer) => {
+      writes.push(unframe(chunk))
+      return write(chunk)
+    }) as typeof socket.write
+    waiting.shift()?.({ stream, writer, socket, writes, cutOff: () => cutOffs, dropped: () => dropped })
   })
   server.listen(0, '127.0.0.1')
   await once(server, 'listening')
@@ -240,7 +249,7 @@ t.test('a client that stops reading is cut off at the bound; the others get ever
   stalled.stream.release()
   for (const [served] of readers) served.stream.release()
   stalledClient.socket.pause()
-  const serverSocket = stalled.res.socket as Socket
+  const serverSocket = stalled.socket
   const ports = [serverSocket.localPort as number, stalledClient.socket.localPort as number] as const
 
   const payload = 'x'.repeat(16 * 1024)
@@ -290,14 +299,14 @@ t.test('a slow reader within the bound waits for drain and loses nothing', async
   const payload = 'y'.repeat(32 * 1024)
   let id = 0
   // Until the socket pushes back: write() said to wait.
-  while (served.res.writableLength === 0 && id < 2048) {
+  while (served.socket.writableLength === 0 && id < 2048) {
     for (let i = 0; i < 8; i++) {
       id++
       served.stream.write(frame(id, payload), id)
     }
     await turn()
   }
-  t.ok(served.res.writableNeedDrain, 'the response is waiting for the socket to drain')
+  t.ok(served.socket.writableNeedDrain, 'the socket is waiting for the socket to drain')
   const writesWhileBlocked = served.writes.length
   for (let i = 0; i < 8; i++) {
     id++

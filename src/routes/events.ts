@@ -5,7 +5,7 @@ import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from
 import { BadRequestError, OverloadedError, UnavailableError } from '../errors.js'
 import { EVENT_STREAM_HEADERS, EventStream, GATEWAY_EVENTS } from '../event-stream.js'
 import { encodeEvent, encodeRetry } from '../sse.js'
-import { jittered, type PreparedStream, StreamUnavailableError } from '../stream-core.js'
+import { jittered, type PreparedStream, type StreamCore, StreamUnavailableError } from '../stream-core.js'
 import { type EventId, MAX_EVENT_ID, parseEventId } from '../event-id.js'
 import { checkChannelNames } from '../channel.js'
 import { BATCH_DATA, toPayload } from '../payload.js'
@@ -111,6 +111,113 @@ export function guardStreamConnections (app: FastifyInstance): void {
   })
 }
 
+/** What a stream route asks of serveStream, once it has parsed its request. */
+export interface StreamOpening {
+  channels: string[]
+  /** The id the client resumes after (`Last-Event-ID`), if any. */
+  resumeFrom: EventId | undefined
+  /**
+   * Checks the client's credential for these channels, once its slot is
+   * counted; resolves with when it expires (epoch seconds), if it does.
+   */
+  authorize: () => Promise<number | undefined>
+  /** Response headers beside EVENT_STREAM_HEADERS and the reply's own. */
+  headers?: OutgoingHttpHeaders
+}
+
+/** A stream's hold on what it took (its slot, its LISTENs), given back once when its connection closes. */
+class StreamHold {
+  closed = false
+  releaseSlot: (() => void) | undefined
+  prepared: PreparedStream | undefined
+  readonly #core: StreamCore
+
+  constructor (core: StreamCore) {
+    this.#core = core
+  }
+
+  // An arrow, so that the stream's EventStream calls it without a closure of the route's.
+  readonly release = (): void => {
+    if (this.closed) return
+    this.closed = true
+    this.releaseSlot?.()
+    if (this.prepared !== undefined) this.#core.close(this.prepared)
+  }
+}
+
+// Made apart from the route so that what it keeps for the stream's life is
+// the app and the channels, not the request.
+function cutOffHandler (app: FastifyInstance, channels: string[]): (droppedFrames: number) => void {
+  return (droppedFrames) => {
+    app.metrics.streamsCutOff.inc()
+    app.metrics.framesDropped.inc(droppedFrames)
+    app.log.warn({ channels }, 'stream cut off: the client is not reading')
+  }
+}
+
+/**
+ * Serves a parsed stream request: counts it against the stream limits,
+ * authorizes it, sets it up with the stream core (LISTENs, start
+ * position), then sends the head and hands the connection to its
+ * EventStream, which keeps only the socket; the replay and the live events
+ * follow. A refusal that may pass (busy, at a limit, the database
+ * unreachable) is answered as retryLater says. Everything the stream took
+ * is given back when its connection closes, whatever point the set-up had
+ * reached. For any route that opens event streams.
+ */
+export async function serveStream (app: FastifyInstance, request: FastifyRequest, reply: FastifyReply, opening: StreamOpening, options: Pick<EventsRoutesOptions, 'streamBufferBytes' | 'retryMs'>): Promise<FastifyReply> {
+  const { channels, resumeFrom } = opening
+  // The client left before its request got here: nothing to take.
+  if (reply.raw.destroyed) return reply.hijack()
+  const hold = new StreamHold(app.streamCore)
+  const connection = request.raw
+  const stream = new EventStream(reply.raw, {
+    maxBufferedBytes: options.streamBufferBytes,
+    line: app.flushLine,
+    tally: app.metrics.streamTally,
+    onCutOff: cutOffHandler(app, channels)
+  }, hold.release)
+  try {
+    // Counted before the token is checked (a ticket is spent by the check).
+    hold.releaseSlot = app.streamLimits.acquire(request.ip)
+    // Checked before the token too, so that a ticket is not spent on a
+    // stream that cannot be opened now.
+    if (app.listener.state === 'disconnected' || app.listener.state === 'closed') throw new UnavailableError(LISTENER_DOWN)
+    const expiresAt = await opening.authorize()
+    if (hold.closed) return reply.hijack()
+    try {
+      hold.prepared = await app.streamCore.prepare(stream, { channels, resumeFrom, expiresAt })
+    } catch (err) {
+      throw err instanceof StreamUnavailableError ? new UnavailableError(err.message) : err
+    }
+  } catch (err) {
+    return retryLater(request, reply, err as FastifyError, options.retryMs)
+  }
+  const prepared = hold.prepared
+  // The response closed meanwhile (its 'close' released what was taken),
+  // or was destroyed and its 'close' is still to come.
+  if (hold.closed || reply.raw.destroyed) {
+    app.streamCore.close(prepared)
+    return reply.hijack()
+  }
+
+  // The stream begins only now, with its channels LISTENed: an event
+  // committed after the client sees the response is never missed.
+  reply.hijack()
+  const headers = { ...reply.getHeaders() as OutgoingHttpHeaders, ...opening.headers, ...EVENT_STREAM_HEADERS }
+  try {
+    await app.streamCore.begin(prepared, (preamble) => {
+      stream.open(headers, preamble)
+      // The connection is the stream's now: it guards itself.
+      unmarkStreamConnection(connection)
+    })
+  } catch (err) {
+    // The client reconnects with the last id it got, and resumes.
+    request.log.warn({ err: { message: (err as Error).message } }, 'replay failed; ending the stream')
+  }
+  return reply
+}
+
 const BatchBody = Type.Object({
   events: Type.Array(Type.Object({
     channel: Type.String(),
@@ -148,68 +255,11 @@ export default async function eventsRoutes (app: FastifyInstance, options: Event
     // EventSource sends the header on reconnect; the query parameter serves
     // a first connection from a client that kept its place.
     const resumeFrom = resumeId(request.headers['last-event-id'] ?? request.query.lastEventId)
-    // The client left before its request got here: nothing to take.
-    if (reply.raw.destroyed) return reply.hijack()
-
-    // Everything the stream takes is given back when its response closes
-    // (the client went away, or the answer was sent), whatever point the
-    // set-up had reached; the set-up stops at the next step once it has.
-    let closed = false
-    let releaseSlot: (() => void) | undefined
-    let prepared: PreparedStream | undefined
-    // Idempotent, so `on` rather than `once`, whose wrapper every stream would keep.
-    reply.raw.on('close', () => {
-      closed = true
-      unmarkStreamConnection(request.raw)
-      releaseSlot?.()
-      if (prepared !== undefined) app.streamCore.close(prepared)
-    })
-
-    try {
-      // Counted before the token is checked (a ticket is spent by the check).
-      releaseSlot = app.streamLimits.acquire(request.ip)
-      // Checked before the token too, so that a ticket is not spent on a
-      // stream that cannot be opened now.
-      if (app.listener.state === 'disconnected' || app.listener.state === 'closed') throw new UnavailableError(LISTENER_DOWN)
-      const claims = await app.authorize(request, 'subscribe', channels)
-      if (closed) return reply.hijack()
-      const stream = new EventStream(reply.raw, {
-        maxBufferedBytes: options.streamBufferBytes,
-        line: app.flushLine,
-        tally: app.metrics.streamTally,
-        onCutOff: (droppedFrames) => {
-          app.metrics.streamsCutOff.inc()
-          app.metrics.framesDropped.inc(droppedFrames)
-          request.log.warn({ channels }, 'stream cut off: the client is not reading')
-        }
-      })
-      try {
-        prepared = await app.streamCore.prepare(stream, { channels, resumeFrom, expiresAt: claims?.exp })
-      } catch (err) {
-        throw err instanceof StreamUnavailableError ? new UnavailableError(err.message) : err
-      }
-    } catch (err) {
-      return retryLater(request, reply, err as FastifyError, options.retryMs)
-    }
-    // The response closed meanwhile (its 'close' released what was taken),
-    // or was destroyed and its 'close' is still to come.
-    if (closed || reply.raw.destroyed) {
-      app.streamCore.close(prepared)
-      return reply.hijack()
-    }
-
-    // The stream begins only now, with its channels LISTENed: an event
-    // committed after the client sees the response is never missed.
-    reply.hijack()
-    const headers = { ...reply.getHeaders() as OutgoingHttpHeaders, ...EVENT_STREAM_HEADERS }
-    const stream = prepared.subscriber.writer as EventStream
-    try {
-      await app.streamCore.begin(prepared, (preamble) => stream.open(headers, preamble))
-    } catch (err) {
-      // The client reconnects with the last id it got, and resumes.
-      request.log.warn({ err: { message: (err as Error).message } }, 'replay failed; ending the stream')
-    }
-    return reply
+    return await serveStream(app, request, reply, {
+      channels,
+      resumeFrom,
+      authorize: async () => (await app.authorize(request, 'subscribe', channels))?.exp
+    }, options)
   })
 
   routes.post('/events', {
