@@ -3,7 +3,7 @@
 // and libnginx-mod-nchan, one worker, on loopback).
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
@@ -70,6 +70,8 @@ export interface GatewayTarget extends Target {
   token: string
   /** The gateway's Prometheus metrics as text. */
   metrics (): Promise<string>
+  /** process.memoryUsage() of the gateway after a full GC; with a path, a heap snapshot is written there first. */
+  memory (snapshotPath?: string): Promise<NodeJS.MemoryUsage>
 }
 
 export interface GatewayOptions {
@@ -91,7 +93,8 @@ export async function startGateway ({ adminUrl, port, env = {}, nodeArgs = [], l
   url.pathname = `/${name}`
   const databaseUrl = url.toString()
   const secret = randomBytes(32).toString('base64url')
-  const child = spawn(process.execPath, [...nodeArgs, 'dist/server.js'], {
+  // The heap probe answers the bench over IPC (bench/heap-probe.mjs).
+  const child = spawn(process.execPath, ['--expose-gc', '--import', './bench/heap-probe.mjs', ...nodeArgs, 'dist/server.js'], {
     env: {
       ...process.env,
       DATABASE_URL: databaseUrl,
@@ -106,7 +109,7 @@ export async function startGateway ({ adminUrl, port, env = {}, nodeArgs = [], l
       PUBLISH_RATE_MAX: '1000000000',
       ...env
     },
-    stdio: ['ignore', 'inherit', 'inherit']
+    stdio: ['ignore', 'inherit', 'inherit', 'ipc']
   })
   children.add(child)
   try {
@@ -136,6 +139,11 @@ export async function startGateway ({ adminUrl, port, env = {}, nodeArgs = [], l
       const res = await fetch(`http://127.0.0.1:${port}/metrics`, { headers: { authorization: `Bearer ${token}` } })
       return await res.text()
     },
+    async memory (snapshotPath) {
+      const answer = new Promise<NodeJS.MemoryUsage>((resolve) => child.once('message', (m) => resolve(m as NodeJS.MemoryUsage)))
+      child.send(snapshotPath === undefined ? { type: 'memory' } : { type: 'snapshot', path: snapshotPath })
+      return await answer
+    },
     async stop () {
       await stopChild(child)
       const admin = new pg.Client({ connectionString: adminUrl })
@@ -144,6 +152,18 @@ export async function startGateway ({ adminUrl, port, env = {}, nodeArgs = [], l
       await admin.end()
     }
   }
+}
+
+/** pgbench from the PATH, or from Debian's PostgreSQL server packages. */
+export function pgbenchPath (): string {
+  try {
+    execFileSync('pgbench', ['--version'], { stdio: 'ignore' })
+    return 'pgbench'
+  } catch {}
+  const dir = '/usr/lib/postgresql'
+  const versions = existsSync(dir) ? readdirSync(dir).sort((a, b) => Number(b) - Number(a)) : []
+  for (const v of versions) if (existsSync(`${dir}/${v}/bin/pgbench`)) return `${dir}/${v}/bin/pgbench`
+  throw new Error('pgbench not found: install postgresql-client (or the PostgreSQL server package)')
 }
 
 // ---- Nchan ---------------------------------------------------------------

@@ -1,6 +1,6 @@
 import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from 'node:http'
 import { createRequire } from 'node:module'
-import type { Socket } from 'node:net'
+import { Socket } from 'node:net'
 
 export const EVENT_STREAM_HEADERS: OutgoingHttpHeaders = {
   'content-type': 'text/event-stream; charset=utf-8',
@@ -35,19 +35,26 @@ export const GATEWAY_EVENTS = {
   expired: 'gateway/expired'
 } as const
 
+/** What every stream of an app shares: one object for all of them. */
 export interface EventStreamOptions {
   /**
-   * Unsent bytes (queued here and buffered by the response) above which a
+   * Unsent bytes (queued here and buffered by the socket) above which a
    * client whose socket has not taken the last write is deemed stalled and
    * cut off.
    */
   maxBufferedBytes: number
   /** The app's flush line. */
   line: FlushLine
-  /** Called with the frames thrown away, live events the client will not get on this stream. */
-  onCutOff?: (droppedFrames: number) => void
   /** Shared by all streams of an app: a plain tally is all the hot path can afford. */
   tally?: StreamTally
+}
+
+/** Who is told what becomes of one stream (an object, not closures: every stream keeps it for its life). */
+export interface StreamOwner {
+  /** The client's connection closed (or the response did, before the head was sent); called once. */
+  streamClosed (): void
+  /** The stream was cut off; `droppedFrames` live events were thrown away with it. */
+  streamCutOff (droppedFrames: number): void
 }
 
 export interface StreamTally {
@@ -219,6 +226,12 @@ function takeOverConnection (res: ServerResponse, socket: Socket): void {
 function releaseParser (parser: HttpParser, socket: Socket): void {
   parser.finish()
   freeParser(parser, null, socket)
+  // node:http wraps these on each connection it serves (to stop feeding the
+  // parser when a 'data' listener comes), a closure each; without a parser
+  // the wrappers only put the originals back, which is done here at once.
+  socket.on = Socket.prototype.on
+  socket.addListener = Socket.prototype.addListener
+  socket.prependListener = Socket.prototype.prependListener
 }
 
 // The stream a taken-over socket carries. The socket's listeners are shared
@@ -251,7 +264,7 @@ export class EventStream implements FrameWriter, Flushable {
   #res: ServerResponse | undefined
   readonly #socket: Socket
   readonly #options: EventStreamOptions
-  readonly #onClose: (() => void) | undefined
+  readonly #owner: StreamOwner
   // Live frames not yet handed to the socket, oldest first.
   #pending: Buffer[] = []
   #pendingBytes = 0
@@ -262,18 +275,14 @@ export class EventStream implements FrameWriter, Flushable {
   #ended = false
   #closed = false
 
-  /**
-   * `res` must have its socket (a request pipelined behind another answer
-   * has none yet). `onClose` is called once, when the client's connection
-   * closes (or the response, before the head was sent).
-   */
-  constructor (res: ServerResponse, options: EventStreamOptions, onClose?: () => void) {
+  /** `res` must have its socket (a request pipelined behind another answer has none yet). */
+  constructor (res: ServerResponse, options: EventStreamOptions, owner: StreamOwner) {
     const socket = res.socket
     if (socket === null) throw new TypeError('an EventStream needs a response that has its socket')
     this.#res = res
     this.#socket = socket
     this.#options = options
-    this.#onClose = onClose
+    this.#owner = owner
     res.once('close', () => {
       // After the hand-over the socket says when the client is gone.
       if (this.#res !== undefined) this.#closedNow()
@@ -408,7 +417,7 @@ export class EventStream implements FrameWriter, Flushable {
     // is destroyed too, so that it counts as ended at once.
     this.#socket.resetAndDestroy()
     this.#res?.destroy()
-    this.#options.onCutOff?.(dropped)
+    this.#owner.streamCutOff(dropped)
   }
 
   #closedNow (): void {
@@ -416,7 +425,7 @@ export class EventStream implements FrameWriter, Flushable {
     this.#closed = true
     this.#pending = []
     this.#pendingBytes = 0
-    this.#onClose?.()
+    this.#owner.streamClosed()
   }
 
   static #onSocketClose (this: StreamSocket): void {

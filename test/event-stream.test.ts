@@ -85,11 +85,9 @@ async function serve (t: Test, options: Partial<EventStreamOptions> = {}): Promi
     let dropped = 0
     const writes: Buffer[] = []
     const socket = res.socket as Socket
-    const writer = new EventStream(res, {
-      maxBufferedBytes: 256 * 1024,
-      line,
-      onCutOff: (frames) => { cutOffs++; dropped += frames },
-      ...options
+    const writer = new EventStream(res, { maxBufferedBytes: 256 * 1024, line, ...options }, {
+      streamClosed () {},
+      streamCutOff (frames) { cutOffs++; dropped += frames }
     })
     // Live events held during set-up count toward the same bound.
     const stream = new Subscriber(writer, options.maxBufferedBytes ?? 256 * 1024)

@@ -3,9 +3,9 @@ import type { Socket } from 'node:net'
 import { Type, type TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { BadRequestError, OverloadedError, UnavailableError } from '../errors.js'
-import { EVENT_STREAM_HEADERS, EventStream, GATEWAY_EVENTS } from '../event-stream.js'
+import { EVENT_STREAM_HEADERS, EventStream, type EventStreamOptions, GATEWAY_EVENTS, type StreamOwner } from '../event-stream.js'
 import { encodeEvent, encodeRetry } from '../sse.js'
-import { jittered, type PreparedStream, type StreamCore, StreamUnavailableError } from '../stream-core.js'
+import { jittered, type PreparedStream, StreamUnavailableError } from '../stream-core.js'
 import { type EventId, MAX_EVENT_ID, parseEventId } from '../event-id.js'
 import { checkChannelNames } from '../channel.js'
 import { BATCH_DATA, toPayload } from '../payload.js'
@@ -125,34 +125,42 @@ export interface StreamOpening {
   headers?: OutgoingHttpHeaders
 }
 
-/** A stream's hold on what it took (its slot, its LISTENs), given back once when its connection closes. */
-class StreamHold {
+/**
+ * A stream's hold on what it took (its slot, its LISTENs), given back once
+ * when its connection closes; and what is done when it is cut off.
+ */
+class StreamHold implements StreamOwner {
   closed = false
   releaseSlot: (() => void) | undefined
   prepared: PreparedStream | undefined
-  readonly #core: StreamCore
+  readonly #app: FastifyInstance
+  readonly #channels: readonly string[]
 
-  constructor (core: StreamCore) {
-    this.#core = core
+  constructor (app: FastifyInstance, channels: readonly string[]) {
+    this.#app = app
+    this.#channels = channels
   }
 
-  // An arrow, so that the stream's EventStream calls it without a closure of the route's.
-  readonly release = (): void => {
+  streamClosed (): void {
     if (this.closed) return
     this.closed = true
     this.releaseSlot?.()
-    if (this.prepared !== undefined) this.#core.close(this.prepared)
+    if (this.prepared !== undefined) this.#app.streamCore.close(this.prepared)
+  }
+
+  streamCutOff (droppedFrames: number): void {
+    this.#app.metrics.streamsCutOff.inc()
+    this.#app.metrics.framesDropped.inc(droppedFrames)
+    this.#app.log.warn({ channels: this.#channels }, 'stream cut off: the client is not reading')
   }
 }
 
-// Made apart from the route so that what it keeps for the stream's life is
-// the app and the channels, not the request.
-function cutOffHandler (app: FastifyInstance, channels: string[]): (droppedFrames: number) => void {
-  return (droppedFrames) => {
-    app.metrics.streamsCutOff.inc()
-    app.metrics.framesDropped.inc(droppedFrames)
-    app.log.warn({ channels }, 'stream cut off: the client is not reading')
-  }
+/** How the streams of a route are served: one object for all of them. */
+export interface StreamSettings {
+  /** Their buffering and flush line. */
+  stream: EventStreamOptions
+  /** RETRY_MS: the base of the `retry:` advice (ms). */
+  retryMs: number
 }
 
 /**
@@ -165,18 +173,13 @@ function cutOffHandler (app: FastifyInstance, channels: string[]): (droppedFrame
  * is given back when its connection closes, whatever point the set-up had
  * reached. For any route that opens event streams.
  */
-export async function serveStream (app: FastifyInstance, request: FastifyRequest, reply: FastifyReply, opening: StreamOpening, options: Pick<EventsRoutesOptions, 'streamBufferBytes' | 'retryMs'>): Promise<FastifyReply> {
+export async function serveStream (app: FastifyInstance, request: FastifyRequest, reply: FastifyReply, opening: StreamOpening, settings: StreamSettings): Promise<FastifyReply> {
   const { channels, resumeFrom } = opening
   // The client left before its request got here: nothing to take.
   if (reply.raw.destroyed) return reply.hijack()
-  const hold = new StreamHold(app.streamCore)
+  const hold = new StreamHold(app, channels)
   const connection = request.raw
-  const stream = new EventStream(reply.raw, {
-    maxBufferedBytes: options.streamBufferBytes,
-    line: app.flushLine,
-    tally: app.metrics.streamTally,
-    onCutOff: cutOffHandler(app, channels)
-  }, hold.release)
+  const stream = new EventStream(reply.raw, settings.stream, hold)
   try {
     // Counted before the token is checked (a ticket is spent by the check).
     hold.releaseSlot = app.streamLimits.acquire(request.ip)
@@ -191,7 +194,7 @@ export async function serveStream (app: FastifyInstance, request: FastifyRequest
       throw err instanceof StreamUnavailableError ? new UnavailableError(err.message) : err
     }
   } catch (err) {
-    return retryLater(request, reply, err as FastifyError, options.retryMs)
+    return retryLater(request, reply, err as FastifyError, settings.retryMs)
   }
   const prepared = hold.prepared
   // The response closed meanwhile (its 'close' released what was taken),
@@ -227,6 +230,10 @@ const BatchBody = Type.Object({
 
 export default async function eventsRoutes (app: FastifyInstance, options: EventsRoutesOptions): Promise<void> {
   const routes = app.withTypeProvider<TypeBoxTypeProvider>()
+  const streamSettings: StreamSettings = {
+    stream: { maxBufferedBytes: options.streamBufferBytes, line: app.flushLine, tally: app.metrics.streamTally },
+    retryMs: options.retryMs
+  }
 
   // No HEAD: it would open a stream whose events nobody may send.
   routes.get('/events', {
@@ -259,7 +266,7 @@ export default async function eventsRoutes (app: FastifyInstance, options: Event
       channels,
       resumeFrom,
       authorize: async () => (await app.authorize(request, 'subscribe', channels))?.exp
-    }, options)
+    }, streamSettings)
   })
 
   routes.post('/events', {
