@@ -2,6 +2,8 @@ import { execFileSync } from 'node:child_process'
 import { once } from 'node:events'
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http'
 import { connect, type AddressInfo, type Socket } from 'node:net'
+import { setFlagsFromString } from 'node:v8'
+import { runInNewContext } from 'node:vm'
 import t from 'tap'
 import { EVENT_STREAM_HEADERS, EventStream, type EventStreamOptions, FlushLine } from '../src/event-stream.js'
 import { Subscriber } from '../src/stream-core.js'
@@ -15,6 +17,8 @@ interface Served {
   writer: EventStream
   /** The connection, once the stream has taken it over. */
   socket: Socket
+  /** node:http's objects of the request, which the stream should not keep. */
+  http: { req: WeakRef<IncomingMessage>, res: WeakRef<ServerResponse> }
   /** Every chunk written to the socket after the head, in order, without its chunk framing. */
   writes: Buffer[]
   cutOff: () => number
@@ -76,11 +80,13 @@ function unframe (chunk: Buffer): Buffer {
 }
 
 /** An HTTP server whose every request becomes an EventStream, closed when the test ends. */
-async function serve (t: Test, options: Partial<EventStreamOptions> = {}): Promise<{ open: () => Promise<[Served, RawClient]> }> {
+async function serve (t: Test, options: Partial<EventStreamOptions> = {}): Promise<{ open: (version?: '1.1' | '1.0') => Promise<[Served, RawClient]> }> {
   const waiting: Array<(served: Served) => void> = []
   const line = new FlushLine()
   t.teardown(() => line.close())
-  const server = createServer((_req: IncomingMessage, res: ServerResponse) => {
+  const server = createServer((req: IncomingMessage, res: ServerResponse) => {
+    const http = { req: new WeakRef(req), res: new WeakRef(res) }
+    const chunked = req.httpVersion !== '1.0'
     let cutOffs = 0
     let dropped = 0
     const writes: Buffer[] = []
@@ -94,10 +100,10 @@ async function serve (t: Test, options: Partial<EventStreamOptions> = {}): Promi
     writer.open(EVENT_STREAM_HEADERS, 'retry: 1000\n\n')
     const write = socket.write.bind(socket) as (chunk: Buffer) => boolean
     socket.write = ((chunk: Buffer) => {
-      writes.push(unframe(chunk))
+      writes.push(chunked ? unframe(chunk) : chunk)
       return write(chunk)
     }) as typeof socket.write
-    waiting.shift()?.({ stream, writer, socket, writes, cutOff: () => cutOffs, dropped: () => dropped })
+    waiting.shift()?.({ stream, writer, socket, http, writes, cutOff: () => cutOffs, dropped: () => dropped })
   })
   server.listen(0, '127.0.0.1')
   await once(server, 'listening')
@@ -110,12 +116,12 @@ async function serve (t: Test, options: Partial<EventStreamOptions> = {}): Promi
   })
   const { port } = server.address() as AddressInfo
   return {
-    async open () {
+    async open (version = '1.1') {
       const served = new Promise<Served>((resolve) => waiting.push(resolve))
       const socket = connect({ port, host: '127.0.0.1' })
       sockets.add(socket)
       const client = new RawClient(socket)
-      socket.write('GET /events HTTP/1.1\r\nHost: test\r\n\r\n')
+      socket.write(`GET /events HTTP/${version}\r\nHost: test\r\n\r\n`)
       return [await served, client]
     }
   }
@@ -237,6 +243,42 @@ t.test('end() writes what is queued, then ends the response', async (t) => {
   served.stream.write(frame(3), 3)
   await turn()
   t.equal(served.writes.length, 1, 'nothing written after the end')
+  await waitFor(() => client.closed, 'the connection to close')
+  t.ok(client.tail.endsWith(frame(2).toString() + '\r\n0\r\n\r\n'), 'the body ends with the last chunk, and the connection closes')
+})
+
+t.test('once its head is sent, a stream keeps only its socket: node:http\'s request, response and parser are let go', async (t) => {
+  setFlagsFromString('--expose-gc')
+  const gc = runInNewContext('gc') as () => void
+  const { open } = await serve(t)
+  const [served, client] = await open()
+  served.stream.release()
+  await turn()
+  gc()
+  t.equal(served.http.req.deref(), undefined, 'the request is collected')
+  t.equal(served.http.res.deref(), undefined, 'the response is collected')
+  t.equal((served.socket as Socket & { parser?: unknown }).parser ?? null, null, 'the parser is returned to its pool')
+  t.same(served.socket.listeners('data').map((f) => f.name), ['#onSocketData'], 'only the stream reads the socket')
+  // It still works as a stream.
+  served.stream.write(frame(1), 1)
+  await waitFor(() => client.body.endsWith(frame(1).toString()), 'the frame')
+  // Whatever the client sends behind its stream closes the connection.
+  client.socket.write('GET /next HTTP/1.1\r\nHost: test\r\n\r\n')
+  await waitFor(() => client.closed, 'the connection to close')
+  t.ok(served.writer.ended)
+})
+
+t.test('an HTTP/1.0 client gets the events without chunk framing, ended by the close', async (t) => {
+  const { open } = await serve(t)
+  const [served, client] = await open('1.0')
+  served.stream.release()
+  served.stream.write(frame(1), 1)
+  served.stream.write(frame(2), 2)
+  await waitFor(() => client.tail.endsWith(frame(2).toString()), 'the frames')
+  served.writer.end().catch(() => {})
+  await waitFor(() => client.closed, 'the connection to close')
+  const raw = client.tail
+  t.ok(raw.endsWith('\r\n\r\nretry: 1000\n\n' + frame(1).toString() + frame(2).toString()), 'the body as written, after the head')
 })
 
 t.test('a client that stops reading is cut off at the bound; the others get every event', async (t) => {
