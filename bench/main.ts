@@ -173,10 +173,10 @@ interface Paced {
   gateway?: { cpuShare: number, publishMeanMs: number, fanOutMeanMs: number }
 }
 
-/** Reads a metric's value (the first series whose name and labels start so). */
+/** Reads a metric's value (the first series whose name and labels start so); 0 if it has none yet. */
 function metric (text: string, series: string): number {
   const at = text.indexOf(`\n${series}`)
-  if (at === -1) return NaN
+  if (at === -1) return 0
   const line = text.slice(at + 1, text.indexOf('\n', at + 1))
   return Number(line.slice(line.lastIndexOf(' ') + 1))
 }
@@ -218,7 +218,7 @@ async function measurePaced (target: Target, channel: string): Promise<Paced> {
   if (metricsBefore !== undefined && metricsAfter !== undefined) {
     const delta = (series: string): number => metric(metricsAfter, series) - metric(metricsBefore, series)
     result.gateway = {
-      cpuShare: delta('pgsse_process_cpu_seconds_total') / elapsed,
+      cpuShare: delta('pgsse_process_process_cpu_seconds_total') / elapsed,
       publishMeanMs: 1000 * delta('pgsse_publish_duration_seconds_sum{route="/channels/:channel"}') / delta('pgsse_publish_duration_seconds_count{route="/channels/:channel"}'),
       fanOutMeanMs: 1000 * delta('pgsse_fanout_duration_seconds_sum') / delta('pgsse_fanout_duration_seconds_count')
     }

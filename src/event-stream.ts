@@ -336,7 +336,9 @@ export class EventStream implements FrameWriter, Flushable {
   }
 
   write (frame: Buffer): void {
-    if (this.ended) return
+    // The flag, not the getter: this runs once per event per stream. A
+    // socket destroyed since is seen by the flush.
+    if (this.#ended) return
     // Only a client that left data behind is measured: frames queued for the
     // next flush of a stream whose socket took everything are the gateway's
     // own backlog, shared Buffers that the flush will hand on.
@@ -408,6 +410,7 @@ export class EventStream implements FrameWriter, Flushable {
 
   cutOff (dropped: number): void {
     if (this.ended) return
+    this.#ended = true
     dropped += this.#pending.length
     this.#pending = []
     this.#pendingBytes = 0
@@ -423,6 +426,7 @@ export class EventStream implements FrameWriter, Flushable {
   #closedNow (): void {
     if (this.#closed) return
     this.#closed = true
+    this.#ended = true
     this.#pending = []
     this.#pendingBytes = 0
     this.#owner.streamClosed()
