@@ -19,6 +19,8 @@ export interface ListenerRow {
   listeners: number
   /** Why this count was not measured (the server has no room for its sessions). */
   skipped?: string
+  /** Bare `SELECT pg_notify(...)` transactions a second (no WAL flush to wait for: the NOTIFY's own cost), 8 pgbench clients. */
+  notifyPerSecond?: number
   /** sse_gateway.publish(...) transactions a second, 8 pgbench clients. */
   singlePerSecond?: number
   /** Events a second in publish_batch(100) transactions, 8 pgbench clients. */
@@ -40,7 +42,7 @@ export interface ListenerScaling {
 
 const CHANNEL = 'bench_scale'
 const PGBENCH_CLIENTS = 8
-const PACED_RATE = 200
+const PACED_RATE = 50
 const PACED_SECONDS = 5
 
 interface Session {
@@ -60,11 +62,16 @@ export async function measureListenerScaling ({ adminUrl, counts, seconds, log }
   const result: ListenerScaling = { pacedRate: PACED_RATE, rows: [] }
   const single = '/tmp/pgsse-bench-scale-single.sql'
   const batch = '/tmp/pgsse-bench-scale-batch.sql'
+  const notify = '/tmp/pgsse-bench-scale-notify.sql'
+  writeFileSync(notify, `SELECT pg_notify('${CHANNEL}', repeat('x', 100));\n`)
   writeFileSync(single, `SELECT sse_gateway.publish('${CHANNEL}', repeat('x', 64));\n`)
   writeFileSync(batch, `SELECT sse_gateway.publish_batch(array_fill('${CHANNEL}'::text, ARRAY[100]), array_fill(repeat('x', 64), ARRAY[100]));\n`)
-  const runPgbench = (script: string): number => {
+  const runPgbench = (script: string): { tps: number, transactions: number } => {
     const out = execFileSync(pgbench, ['-n', '-f', script, '-c', String(PGBENCH_CLIENTS), '-j', '2', '-T', String(seconds), databaseUrl], { stdio: ['ignore', 'pipe', 'pipe'] }).toString()
-    return Number(/tps = ([0-9.]+)/.exec(out)?.[1] ?? NaN)
+    return {
+      tps: Number(/tps = ([0-9.]+)/.exec(out)?.[1] ?? NaN),
+      transactions: Number(/number of transactions actually processed: (\d+)/.exec(out)?.[1] ?? NaN)
+    }
   }
   try {
     const db = new pg.Client({ connectionString: databaseUrl })
@@ -121,16 +128,19 @@ export async function measureListenerScaling ({ adminUrl, counts, seconds, log }
           db.query<{ usage: number }>('SELECT pg_notification_queue_usage() AS usage').then(({ rows }) => { peak = Math.max(peak, rows[0]?.usage ?? 0) }, () => {})
         }, 200)
         const before = await notified(db)
-        const singlePerSecond = runPgbench(single)
-        const batchEventsPerSecond = 100 * runPgbench(batch)
-        const sent = await notified(db) - before
+        const bare = runPgbench(notify)
+        const notifyPerSecond = bare.tps
+        const singlePerSecond = runPgbench(single).tps
+        const batchEventsPerSecond = 100 * runPgbench(batch).tps
+        // Every logged event was one NOTIFY, and so was every bare pg_notify.
+        const sent = await notified(db) - before + bare.transactions
         clearInterval(sampler)
         const drainBy = Date.now() + 60_000
         while (sessions.some((s) => s.received < sent) && Date.now() < drainBy) await sleep(50)
         complete &&= sessions.every((s) => s.received === sent)
-        const row: ListenerRow = { listeners, singlePerSecond, batchEventsPerSecond, peakQueueUsage: peak, complete, p50: quantile(histogram, 0.5), p99: quantile(histogram, 0.99), max: quantile(histogram, 1) }
+        const row: ListenerRow = { listeners, notifyPerSecond, singlePerSecond, batchEventsPerSecond, peakQueueUsage: peak, complete, p50: quantile(histogram, 0.5), p99: quantile(histogram, 0.99), max: quantile(histogram, 1) }
         result.rows.push(row)
-        log(`listeners ${listeners}: publish() ${singlePerSecond.toFixed(0)} tps, publish_batch(100) ${batchEventsPerSecond.toFixed(0)} events/s, queue usage peak ${(100 * peak).toFixed(2)}%; NOTIFY latency at ${PACED_RATE}/s p50 ${row.p50?.toFixed(1)} ms, p99 ${row.p99?.toFixed(1)} ms, max ${row.max?.toFixed(1)} ms; every session got every notification: ${complete}`)
+        log(`listeners ${listeners}: pg_notify ${notifyPerSecond.toFixed(0)} tps, publish() ${singlePerSecond.toFixed(0)} tps, publish_batch(100) ${batchEventsPerSecond.toFixed(0)} events/s, queue usage peak ${(100 * peak).toFixed(2)}%; NOTIFY latency at ${PACED_RATE}/s p50 ${row.p50?.toFixed(1)} ms, p99 ${row.p99?.toFixed(1)} ms, max ${row.max?.toFixed(1)} ms; every session got every notification: ${complete}`)
       } finally {
         await Promise.all(sessions.map(async (s) => { await s.client.end() }))
       }
@@ -143,7 +153,7 @@ export async function measureListenerScaling ({ adminUrl, counts, seconds, log }
   return result
 }
 
-// Events in the log so far: each one was one NOTIFY.
+// Events in the log so far.
 async function notified (db: pg.Client): Promise<number> {
   const { rows } = await db.query<{ head: string }>('SELECT last_id::text AS head FROM sse_gateway.log_head')
   return Number(rows[0]?.head ?? 0)

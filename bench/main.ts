@@ -399,7 +399,7 @@ async function main (): Promise<void> {
     }
     return
   }
-  if (args.only !== 'gateway') {
+  if (args.only !== 'gateway' && ['memory', 'fan-out', 'paced'].some((p) => PHASES.has(p))) {
     const nchan = await startNchan({ port: NCHAN_PORT, log })
     try {
       results.nchan = {}
@@ -410,7 +410,7 @@ async function main (): Promise<void> {
       await nchan.stop()
     }
   }
-  if (args.only !== 'nchan') {
+  if (args.only !== 'nchan' && ['memory', 'fan-out', 'paced', 'publish', 'flood'].some((p) => PHASES.has(p))) {
     const nodeArgs = args.profile ? ['--cpu-prof', '--cpu-prof-dir=bench/profiles'] : []
     const gateway = await startGateway({ adminUrl: args.database, port: GATEWAY_PORT, nodeArgs, log })
     try {
@@ -504,8 +504,9 @@ function table ({ machine, command, nchan, gateway, listeners }: Results): strin
       continue
     }
     rows.push(
-      [`${head}: publish() tps / publish_batch(100) events/s`, '', `${n0(l.singlePerSecond)} / ${n0(l.batchEventsPerSecond)}`, '', ''],
-      [`  NOTIFY at ${listeners?.pacedRate ?? '?'}/s to every session: latency p50 / p99 / max (ms)`, '', `${ms(l.p50)} / ${ms(l.p99)} / ${ms(l.max)}`, '', '']
+      [`${head}: tps of bare pg_notify / publish() / events/s of publish_batch(100)`, '', `${n0(l.notifyPerSecond)} / ${n0(l.singlePerSecond)} / ${n0(l.batchEventsPerSecond)}`, '', ''],
+      [`  publish() at ${listeners?.pacedRate ?? '?'}/s, to every session: latency p50 / p99 / max (ms)`, '', `${ms(l.p50)} / ${ms(l.p99)} / ${ms(l.max)}`, '', ''],
+      ['  every session got every NOTIFY / queue usage at most', '', `${l.complete === true ? 'yes' : 'NO'} / ${((l.peakQueueUsage ?? 0) * 100).toFixed(2)}%`, '', '']
     )
   }
   const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length))) ?? []
