@@ -25,6 +25,11 @@ export interface Delivery {
   histogram: Uint32Array
 }
 
+// Each worker thread opens its connections from its own loopback address,
+// so that 18,000 streams (and the TIME_WAIT of earlier phases) do not run
+// out of one address's ephemeral ports.
+let nextLocalAddress = 0
+
 // A .mjs entry that registers tsx, then loads subscriber.ts.
 const SUBSCRIBER_URL = new URL('./subscriber-entry.mjs', import.meta.url)
 
@@ -43,7 +48,8 @@ export async function openSubscribers (target: Target, path: string, streams: nu
       streams: share,
       marker: MARKER,
       sendTimes: shared,
-      connectConcurrency: 100
+      connectConcurrency: 100,
+      localAddress: target.host === '127.0.0.1' ? `127.0.0.${1 + (nextLocalAddress++ % 8)}` : undefined
     }
     const worker = new Worker(SUBSCRIBER_URL, { workerData: config })
     worker.on('error', (err) => { throw err })
