@@ -2,7 +2,7 @@ import type pg from 'pg'
 import type { EventId } from './event-id.js'
 import { type LogBounds, readLogBounds, readReplayPage } from './event-log.js'
 import { type FrameWriter, GATEWAY_EVENTS } from './event-stream.js'
-import type { ChannelHub, EventSink } from './hub.js'
+import { CHANNEL_SELECTOR, type ChannelHub, type EventSelector, type EventSink, LazyEventView } from './hub.js'
 import { encodeEvent, encodeRetry } from './sse.js'
 
 /*
@@ -22,6 +22,54 @@ export interface StreamRequest {
   resumeFrom: EventId | undefined
   /** When its credential expires (epoch seconds): the stream ends then. */
   expiresAt: number | undefined
+  /** Which of its channels' events it takes, framed how: every event, channel framing, by default. */
+  selector?: EventSelector
+  /** What the stream says of itself (its preamble, missed events, expiry): the gateway's own events by default. */
+  dialect?: StreamDialect
+}
+
+/** Where a stream starts (log ids), and whether the id it resumes from was lost. */
+export interface StartPosition {
+  after: EventId
+  missed: boolean
+  /** The id the client resumed from, if any. */
+  resumeFrom?: EventId | undefined
+}
+
+/**
+ * What a stream says about itself, beside the events it takes: the gateway's
+ * `gateway/*` events on channel streams; another protocol (Mercure) speaks
+ * its own way, or not at all.
+ */
+export interface StreamDialect {
+  /** The first bytes of the stream: `retryMs` is its (already jittered) `retry:` advice, `head` the log's head when it was set up. */
+  preamble (start: StartPosition, head: EventId, retryMs: number): string
+  /**
+   * Logged events the stream will not get in order, from `lastEventId` on;
+   * it goes on after `resumedAfter`. undefined: the stream is ended
+   * instead, and the client resumes with the last id it got.
+   */
+  missed (lastEventId: EventId, resumedAfter: EventId): Buffer | undefined
+  /** The listener was away: plain NOTIFYs sent meanwhile are lost (logged events are caught up). undefined: nothing to say. */
+  gap (): Buffer | undefined
+  /** Written when the stream's credential expires, just before it ends; undefined: it ends without a word. */
+  expired (): Buffer | undefined
+}
+
+/** The gateway's own dialect, on `GET /events` streams: see GATEWAY_EVENTS. */
+export const GATEWAY_DIALECT: StreamDialect = {
+  preamble (start, head, retryMs) {
+    let preamble = encodeRetry(retryMs) + encodeEvent({
+      id: String(start.after),
+      event: GATEWAY_EVENTS.open,
+      data: JSON.stringify({ lastEventId: String(start.after), head: String(head) })
+    })
+    if (start.missed && start.resumeFrom !== undefined) preamble += missedFrame(start.resumeFrom, start.after).toString()
+    return preamble
+  },
+  missed: missedFrame,
+  gap: () => GAP_FRAME,
+  expired: () => EXPIRED_FRAME
 }
 
 /** Why a stream could not be set up now; the client should come back. */
@@ -47,14 +95,14 @@ export function jittered (ms: number, random: () => number = Math.random): numbe
  * from, is answered with a `gateway/missed` event and the stream starts
  * from what the log has.
  */
-export function startPosition (resumeFrom: EventId | undefined, bounds: LogBounds): { after: EventId, missed: boolean } {
+export function startPosition (resumeFrom: EventId | undefined, bounds: LogBounds): StartPosition {
   if (resumeFrom === undefined) return { after: bounds.head, missed: false }
   // An id from a timeline the log no longer follows (a failover lost it):
   // the stream goes on from the last event kept before the fork.
-  if (bounds.forkedAfter !== undefined) return { after: bounds.forkedAfter, missed: true }
-  if (resumeFrom > bounds.head) return { after: bounds.head, missed: true }
-  if (resumeFrom < bounds.prunedThrough) return { after: bounds.prunedThrough, missed: true }
-  return { after: resumeFrom, missed: false }
+  if (bounds.forkedAfter !== undefined) return { after: bounds.forkedAfter, missed: true, resumeFrom }
+  if (resumeFrom > bounds.head) return { after: bounds.head, missed: true, resumeFrom }
+  if (resumeFrom < bounds.prunedThrough) return { after: bounds.prunedThrough, missed: true, resumeFrom }
+  return { after: resumeFrom, missed: false, resumeFrom }
 }
 
 function missedFrame (lastEventId: EventId, resumedAfter: EventId): Buffer {
@@ -63,6 +111,16 @@ function missedFrame (lastEventId: EventId, resumedAfter: EventId): Buffer {
     data: JSON.stringify({ lastEventId: String(lastEventId), resumedAfter: String(resumedAfter) })
   }))
 }
+
+const GAP_FRAME = Buffer.from(encodeEvent({
+  event: GATEWAY_EVENTS.gap,
+  data: JSON.stringify({ reason: 'listener reconnected: plain notifications sent meanwhile may be lost' })
+}))
+
+const EXPIRED_FRAME = Buffer.from(encodeEvent({
+  event: GATEWAY_EVENTS.expired,
+  data: JSON.stringify({ reason: 'the token expired: reconnect with a fresh one' })
+}))
 
 /**
  * One stream's seam between history and live: the no-gap, no-duplicate rule,
@@ -78,14 +136,16 @@ function missedFrame (lastEventId: EventId, resumedAfter: EventId): Buffer {
  */
 export class Subscriber implements EventSink {
   readonly writer: FrameWriter
+  readonly dialect: StreamDialect
   readonly #maxHeldBytes: number
   #held: Array<{ frame: Buffer, id: EventId | undefined }> | null = []
   #heldBytes = 0
   #lastId: EventId = 0
 
-  constructor (writer: FrameWriter, maxHeldBytes: number) {
+  constructor (writer: FrameWriter, maxHeldBytes: number, dialect: StreamDialect = GATEWAY_DIALECT) {
     this.writer = writer
     this.#maxHeldBytes = maxHeldBytes
+    this.dialect = dialect
   }
 
   /** The last logged event id the stream carried, or where it started. */
@@ -135,9 +195,10 @@ export class Subscriber implements EventSink {
   }
 
   /**
-   * Tells the client about logged events it will not get in order, with a
-   * `gateway/missed` event (`{lastEventId, resumedAfter}`), and moves the
-   * stream's position to `resumedAfter`:
+   * Tells the client about logged events it will not get in order (the
+   * dialect's missed frame: `gateway/missed` with `{lastEventId,
+   * resumedAfter}` on channel streams), and moves the stream's position to
+   * `resumedAfter`; a dialect with nothing to say ends the stream instead:
    * - `pruned`: a stream behind it skips to it (the events in between are gone);
    * - `forked`: a stream ahead of it goes back to it, so that events the log
    *   now holds after it, with ids the stream may already have carried, still
@@ -146,9 +207,10 @@ export class Subscriber implements EventSink {
    */
   missed (cause: 'pruned' | 'forked', resumedAfter: EventId): boolean {
     if (cause === 'pruned' ? this.#lastId >= resumedAfter : this.#lastId <= resumedAfter) return false
-    const frame = missedFrame(this.#lastId, resumedAfter)
+    const frame = this.dialect.missed(this.#lastId, resumedAfter)
     this.#lastId = resumedAfter
-    this.write(frame)
+    if (frame === undefined) this.writer.end().catch(() => {})
+    else this.write(frame)
     return true
   }
 }
@@ -159,7 +221,7 @@ export interface PreparedStream {
   /** Where the log stood when the stream was set up. */
   readonly bounds: LogBounds
   /** Where the stream starts, and whether the client is told it missed events. */
-  readonly start: { after: EventId, missed: boolean }
+  readonly start: StartPosition
 }
 
 interface StreamState extends PreparedStream {
@@ -261,10 +323,10 @@ export class StreamCore {
    * listener or the log cannot be reached now; then nothing is held.
    */
   async prepare (writer: FrameWriter, request: StreamRequest): Promise<PreparedStream> {
-    const subscriber = new Subscriber(writer, this.#options.maxHeldBytes)
+    const subscriber = new Subscriber(writer, this.#options.maxHeldBytes, request.dialect)
     let unsubscribe: () => void
     try {
-      unsubscribe = await this.#options.hub.subscribe(request.channels, subscriber)
+      unsubscribe = await this.#options.hub.subscribe(request.channels, subscriber, request.selector)
     } catch {
       throw new StreamUnavailableError('listener', 'the gateway cannot listen to the database right now; retry shortly')
     }
@@ -282,9 +344,10 @@ export class StreamCore {
   }
 
   /**
-   * Begins a prepared stream: `open` sends its preamble (`retry:`,
-   * `gateway/open` whose id is where it starts, `gateway/missed` when the
-   * resume id is not in the log) with whatever opens the client's stream;
+   * Begins a prepared stream: `open` sends its preamble (the dialect's: on
+   * channel streams `retry:`, `gateway/open` whose id is where it starts,
+   * `gateway/missed` when the resume id is not in the log) with whatever
+   * opens the client's stream;
    * then the replay from the log, at the client's pace; then the live
    * events. Resolves once live, or once the stream ended (a failed replay
    * ends it: the client resumes with the last id it got).
@@ -294,19 +357,13 @@ export class StreamCore {
     if (state.closed) return
     const { subscriber, start, bounds, request } = state
     this.subscribers.add(subscriber)
-    let preamble = encodeRetry(jittered(this.#options.retryMs)) + encodeEvent({
-      id: String(start.after),
-      event: GATEWAY_EVENTS.open,
-      data: JSON.stringify({ lastEventId: String(start.after), head: String(bounds.head) })
-    })
-    if (start.missed) preamble += missedFrame(request.resumeFrom as EventId, start.after).toString()
-    open(preamble)
+    open(subscriber.dialect.preamble(start, bounds.head, jittered(this.#options.retryMs)))
     // The stream lives no longer than its credential: the client reconnects with a fresh one.
     if (request.expiresAt !== undefined) this.#expiries.add(subscriber, request.expiresAt)
     if (start.after < bounds.head) {
       try {
         // Awaited apart: `f?.(await g())` would not run g when f is absent.
-        const replayed = await this.#replay(subscriber, request.channels, start.after)
+        const replayed = await this.#replay(subscriber, request.channels, request.selector ?? CHANNEL_SELECTOR, start.after)
         this.#options.onReplayed?.(replayed)
       } catch (err) {
         subscriber.writer.end().catch(() => {})
@@ -333,6 +390,18 @@ export class StreamCore {
     return told
   }
 
+  /** Tells every stream that the listener was away (see StreamDialect.gap); returns how many were told. */
+  gap (): number {
+    let told = 0
+    for (const subscriber of this.subscribers) {
+      const frame = subscriber.dialect.gap()
+      if (frame === undefined) continue
+      subscriber.write(frame)
+      told++
+    }
+    return told
+  }
+
   /** Ends every stream after what is queued (clients reconnect, elsewhere if need be); resolves once all are ended. */
   async endAll (): Promise<void> {
     this.#expiries.clear()
@@ -340,21 +409,28 @@ export class StreamCore {
   }
 
   // Reads the log after `after`, a page at a time, never faster than the
-  // client takes it. Retention may prune past the position between pages:
-  // the events in between are gone, and the client is told, as for a pruned
-  // Last-Event-ID, rather than skipping them silently.
-  async #replay (subscriber: Subscriber, channels: readonly string[], after: EventId): Promise<number> {
+  // client takes it, through the stream's selector: what it skips still
+  // moves the position. Retention may prune past the position between
+  // pages: the events in between are gone, and the client is told, as for
+  // a pruned Last-Event-ID, rather than skipping them silently.
+  async #replay (subscriber: Subscriber, channels: readonly string[], selector: EventSelector, after: EventId): Promise<number> {
     let count = 0
     let position = after
     for (;;) {
       const { prunedThrough, events } = await readReplayPage(this.#options.log, channels, position, REPLAY_PAGE)
       if (prunedThrough > position) {
-        subscriber.replay(missedFrame(position, prunedThrough), prunedThrough)
+        const frame = subscriber.dialect.missed(position, prunedThrough)
+        if (frame === undefined) {
+          await subscriber.writer.end()
+          return count
+        }
+        subscriber.replay(frame, prunedThrough)
         position = prunedThrough
       }
       for (const row of events) {
         position = Number(row.id)
-        subscriber.replay(Buffer.from(encodeEvent({ id: row.id, event: row.channel, data: row.payload })), position)
+        const frame = selector.select(new LazyEventView({ id: position, channel: row.channel, data: row.payload }))
+        if (frame !== undefined) subscriber.replay(frame, position)
       }
       count += events.length
       if (events.length < REPLAY_PAGE || subscriber.writer.ended) return count
@@ -366,9 +442,7 @@ export class StreamCore {
 // Straight to the writer, past any live events still held: the stream ends
 // here, and the client resumes with its last id.
 function expire (subscriber: Subscriber): void {
-  subscriber.writer.write(Buffer.from(encodeEvent({
-    event: GATEWAY_EVENTS.expired,
-    data: JSON.stringify({ reason: 'the token expired: reconnect with a fresh one' })
-  })))
+  const frame = subscriber.dialect.expired()
+  if (frame !== undefined) subscriber.writer.write(frame)
   subscriber.writer.end().catch(() => {})
 }

@@ -4,9 +4,9 @@ import pg from 'pg'
 import t from 'tap'
 import { migrate, pruneLog, publishBatch } from '../src/event-log.js'
 import type { FrameWriter } from '../src/event-stream.js'
-import { ChannelHub } from '../src/hub.js'
+import { ChannelHub, type EventSelector } from '../src/hub.js'
 import { ListenerConnection } from '../src/listener.js'
-import { type PreparedStream, StreamCore, type StreamRequest } from '../src/stream-core.js'
+import { type PreparedStream, StreamCore, type StreamDialect, type StreamRequest } from '../src/stream-core.js'
 import { createDatabase, connect, waitFor } from './helper.js'
 
 /** What a client would receive, as parsed frames. */
@@ -131,4 +131,67 @@ t.test('live events held past the bound cut the stream off', async (t) => {
   await publish('flood', ...Array.from({ length: 10 }, () => 'x'.repeat(8 * 1024)))
   await waitFor(() => writer.cutOffWith !== undefined, 'the cut-off')
   t.equal(writer.cutOffWith, 8, 'the frames held when the bound was passed are dropped with it')
+})
+
+/** Takes the events whose data starts with `prefix`, framed as `kept: <data>`; counts its select() calls. */
+function prefixSelector (prefix: string): EventSelector & { calls: number } {
+  return {
+    key: `prefix:${prefix}`,
+    calls: 0,
+    select (view) {
+      this.calls++
+      return view.event.data.startsWith(prefix) ? Buffer.from(`data: kept ${view.event.data}\n\n`) : undefined
+    }
+  }
+}
+
+t.test('a selector: what it skips is not written, live or replayed, and streams that share its key share one select() per event', async (t) => {
+  const [resumeFrom] = await publish('selected', 'seen')
+  const replayed = await publish('selected', 'keep 1', 'drop 1', 'keep 2')
+  const selector = prefixSelector('keep')
+  const first = await stream({ channels: ['selected'], resumeFrom: Number(resumeFrom), selector })
+  const sameKey = prefixSelector('keep')
+  const second = await stream({ channels: ['selected'], selector: sameKey })
+  const everything = await stream({ channels: ['selected'] })
+  await core.begin(first.prepared, open(first.writer))
+  await core.begin(second.prepared, open(second.writer))
+  await core.begin(everything.prepared, open(everything.writer))
+  t.same(first.writer.events.slice(1).map(([, , data]) => data), ['kept keep 1', 'kept keep 2'], 'the replay goes through the selector')
+  t.equal(selector.calls, replayed.length, 'the replay offers each event once')
+  const live = await publish('selected', 'drop 2', 'keep 3')
+  await waitFor(() => everything.writer.events.length === 1 + live.length, 'the live events on the unfiltered stream')
+  await waitFor(() => second.writer.events.length === 2, 'the live event on the second filtered stream')
+  t.same(first.writer.events.slice(1).map(([, , data]) => data), ['kept keep 1', 'kept keep 2', 'kept keep 3'])
+  t.same(second.writer.events.slice(1).map(([, , data]) => data), ['kept keep 3'])
+  t.equal(selector.calls, replayed.length + live.length, 'one select() per live event for both streams: the first selector with the key serves the group')
+  t.equal(sameKey.calls, 0, 'the second selector with the same key is never asked')
+  t.same(everything.writer.events.slice(1).map(([id]) => id), live, 'a stream without a selector gets every event')
+})
+
+/** A dialect that says nothing: no preamble but a retry, no missed, gap or expiry frames. */
+const SILENT: StreamDialect = {
+  preamble: (_start, _head, retryMs) => `retry: ${retryMs}\n\n`,
+  missed: () => undefined,
+  gap: () => undefined,
+  expired: () => undefined
+}
+
+t.test('a dialect: a stream that cannot say it missed events is ended instead; gaps and expiry go unsaid', async (t) => {
+  const silent = await stream({ channels: ['dialect'], dialect: SILENT })
+  const gateway = await stream({ channels: ['dialect'] })
+  await core.begin(silent.prepared, open(silent.writer))
+  await core.begin(gateway.prepared, open(gateway.writer))
+  t.same(silent.writer.events, [], 'no gateway/open')
+  const told = core.gap()
+  t.ok(told >= 1, 'the gateway stream is told of the gap')
+  t.same(silent.writer.events, [], 'the silent one is not')
+  t.equal(gateway.writer.events.at(-1)?.[1], 'gateway/gap')
+  core.missed('forked', 0)
+  await waitFor(() => silent.writer.ended, 'the silent stream to end')
+  t.equal(gateway.writer.events.at(-1)?.[1], 'gateway/missed', 'the gateway stream is told and goes on')
+  t.notOk(gateway.writer.ended)
+  const expiring = await stream({ channels: ['dialect'], dialect: SILENT, expiresAt: Math.floor(Date.now() / 1000) - 1 })
+  await core.begin(expiring.prepared, open(expiring.writer))
+  await waitFor(() => expiring.writer.ended, 'the expired stream to end')
+  t.same(expiring.writer.events, [], 'it ends without a word')
 })

@@ -1,9 +1,9 @@
 import fp from 'fastify-plugin'
 import { pruneLog, type RetentionPolicy } from '../event-log.js'
-import { FlushLine, GATEWAY_EVENTS } from '../event-stream.js'
+import { FlushLine } from '../event-stream.js'
 import { ChannelHub } from '../hub.js'
 import { ListenerConnection, type ListenerOptions } from '../listener.js'
-import { encodeComment, encodeEvent } from '../sse.js'
+import { encodeComment } from '../sse.js'
 import { StreamCore, type Subscriber } from '../stream-core.js'
 
 declare module 'fastify' {
@@ -71,7 +71,7 @@ export default fp<GatewayPluginOptions>(async function gatewayPlugin (app, optio
     metrics.eventsCaughtUp.inc(caughtUp)
     // Logged events were caught up from the log; plain NOTIFYs sent while
     // the listener was away are gone, and every stream is told so.
-    const told = hub.broadcast(Buffer.from(encodeEvent({ event: GATEWAY_EVENTS.gap, data: JSON.stringify({ reason: 'listener reconnected: plain notifications sent meanwhile may be lost' }) })))
+    const told = streamCore.gap()
     app.log.info({ channels: listener.channels.size, caughtUp, streamsTold: told }, 'listener reconnected, re-LISTENed its channels and caught up')
   })
   listener.on('disconnected', (err) => {
