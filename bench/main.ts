@@ -39,6 +39,9 @@ const { values: args } = parseArgs({
     listeners: { type: 'string', default: '1,4,16,64' },
     'listeners-database': { type: 'string' },
     only: { type: 'string' },
+    // Ports of the two servers (another bench on the same machine may hold the defaults).
+    'gateway-port': { type: 'string', default: '3917' },
+    'nchan-port': { type: 'string', default: '3918' },
     profile: { type: 'boolean', default: false },
     database: { type: 'string', default: process.env.DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres' }
   }
@@ -59,8 +62,8 @@ const PACED_SECONDS = Number(args['paced-seconds'])
 const PACED_WARM_UP_SECONDS = 2
 const PHASES = new Set(args.phases.split(','))
 const LISTENER_COUNTS = args.listeners.split(',').map(Number).filter((n) => n > 0)
-const GATEWAY_PORT = 3917
-const NCHAN_PORT = 3918
+const GATEWAY_PORT = Number(args['gateway-port'])
+const NCHAN_PORT = Number(args['nchan-port'])
 
 function log (line: string): void {
   process.stderr.write(`${new Date().toISOString().slice(11, 19)} ${line}\n`)

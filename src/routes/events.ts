@@ -5,7 +5,7 @@ import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from
 import { BadRequestError, OverloadedError, UnavailableError } from '../errors.js'
 import { EVENT_STREAM_HEADERS, EventStream, type EventStreamOptions, GATEWAY_EVENTS, type StreamOwner } from '../event-stream.js'
 import { encodeEvent, encodeRetry } from '../sse.js'
-import { jittered, type PreparedStream, StreamUnavailableError } from '../stream-core.js'
+import { jittered, type PreparedStream, type StreamRequest, StreamUnavailableError } from '../stream-core.js'
 import { type EventId, MAX_EVENT_ID, parseEventId } from '../event-id.js'
 import { checkChannelNames } from '../channel.js'
 import { BATCH_DATA, toPayload } from '../payload.js'
@@ -111,11 +111,14 @@ export function guardStreamConnections (app: FastifyInstance): void {
   })
 }
 
-/** What a stream route asks of serveStream, once it has parsed its request. */
-export interface StreamOpening {
+/**
+ * What a stream route asks of serveStream, once it has parsed its request:
+ * the stream core's request (channels, resume id, and the selector and
+ * dialect of a route that frames events its own way), without the expiry,
+ * which the credential tells.
+ */
+export interface StreamOpening extends Omit<StreamRequest, 'expiresAt' | 'channels'> {
   channels: string[]
-  /** The id the client resumes after (`Last-Event-ID`), if any. */
-  resumeFrom: EventId | undefined
   /**
    * Checks the client's credential for these channels, once its slot is
    * counted; resolves with when it expires (epoch seconds), if it does.
@@ -174,7 +177,8 @@ export interface StreamSettings {
  * reached. For any route that opens event streams.
  */
 export async function serveStream (app: FastifyInstance, request: FastifyRequest, reply: FastifyReply, opening: StreamOpening, settings: StreamSettings): Promise<FastifyReply> {
-  const { channels, resumeFrom } = opening
+  const { authorize, headers: extraHeaders, ...streamRequest } = opening
+  const { channels } = opening
   // The client left before its request got here: nothing to take.
   if (reply.raw.destroyed) return reply.hijack()
   const hold = new StreamHold(app, channels)
@@ -186,10 +190,10 @@ export async function serveStream (app: FastifyInstance, request: FastifyRequest
     // Checked before the token too, so that a ticket is not spent on a
     // stream that cannot be opened now.
     if (app.listener.state === 'disconnected' || app.listener.state === 'closed') throw new UnavailableError(LISTENER_DOWN)
-    const expiresAt = await opening.authorize()
+    const expiresAt = await authorize()
     if (hold.closed) return reply.hijack()
     try {
-      hold.prepared = await app.streamCore.prepare(stream, { channels, resumeFrom, expiresAt })
+      hold.prepared = await app.streamCore.prepare(stream, { ...streamRequest, expiresAt })
     } catch (err) {
       throw err instanceof StreamUnavailableError ? new UnavailableError(err.message) : err
     }
@@ -207,7 +211,7 @@ export async function serveStream (app: FastifyInstance, request: FastifyRequest
   // The stream begins only now, with its channels LISTENed: an event
   // committed after the client sees the response is never missed.
   reply.hijack()
-  const headers = { ...reply.getHeaders() as OutgoingHttpHeaders, ...opening.headers, ...EVENT_STREAM_HEADERS }
+  const headers = { ...reply.getHeaders() as OutgoingHttpHeaders, ...extraHeaders, ...EVENT_STREAM_HEADERS }
   try {
     await app.streamCore.begin(prepared, (preamble) => {
       stream.open(headers, preamble)
