@@ -6,10 +6,11 @@
 // what pgbench commits through the gateway's own functions (one event a
 // transaction, and batches of 100), and how long a NOTIFY takes to reach
 // every session at a steady rate.
-import { execFileSync } from 'node:child_process'
+import { execFile } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { writeFileSync } from 'node:fs'
 import { setTimeout as sleep } from 'node:timers/promises'
+import { promisify } from 'node:util'
 import pg from 'pg'
 import { migrate } from '../src/event-log.js'
 import { newHistogram, now, quantile, record } from './histogram.js'
@@ -40,6 +41,7 @@ export interface ListenerScaling {
   rows: ListenerRow[]
 }
 
+const execFileAsync = promisify(execFile)
 const CHANNEL = 'bench_scale'
 const PGBENCH_CLIENTS = 8
 const PACED_RATE = 50
@@ -66,8 +68,10 @@ export async function measureListenerScaling ({ adminUrl, counts, seconds, log }
   writeFileSync(notify, `SELECT pg_notify('${CHANNEL}', repeat('x', 100));\n`)
   writeFileSync(single, `SELECT sse_gateway.publish('${CHANNEL}', repeat('x', 64));\n`)
   writeFileSync(batch, `SELECT sse_gateway.publish_batch(array_fill('${CHANNEL}'::text, ARRAY[100]), array_fill(repeat('x', 64), ARRAY[100]));\n`)
-  const runPgbench = (script: string): { tps: number, transactions: number } => {
-    const out = execFileSync(pgbench, ['-n', '-f', script, '-c', String(PGBENCH_CLIENTS), '-j', '2', '-T', String(seconds), databaseUrl], { stdio: ['ignore', 'pipe', 'pipe'] }).toString()
+  // Not execFileSync: the sessions are read on this thread, and must drain
+  // what they are sent while pgbench runs.
+  const runPgbench = async (script: string): Promise<{ tps: number, transactions: number }> => {
+    const { stdout: out } = await execFileAsync(pgbench, ['-n', '-f', script, '-c', String(PGBENCH_CLIENTS), '-j', '2', '-T', String(seconds), databaseUrl])
     return {
       tps: Number(/tps = ([0-9.]+)/.exec(out)?.[1] ?? NaN),
       transactions: Number(/number of transactions actually processed: (\d+)/.exec(out)?.[1] ?? NaN)
@@ -124,17 +128,19 @@ export async function measureListenerScaling ({ adminUrl, counts, seconds, log }
         for (const s of sessions) s.received = 0
         sendTimes = new Float64Array(0)
         let peak = 0
+        let sample: Promise<void> | undefined
         const sampler = setInterval(() => {
-          db.query<{ usage: number }>('SELECT pg_notification_queue_usage() AS usage').then(({ rows }) => { peak = Math.max(peak, rows[0]?.usage ?? 0) }, () => {})
+          sample ??= db.query<{ usage: number }>('SELECT pg_notification_queue_usage() AS usage').then(({ rows }) => { peak = Math.max(peak, rows[0]?.usage ?? 0) }, () => {}).finally(() => { sample = undefined })
         }, 200)
         const before = await notified(db)
-        const bare = runPgbench(notify)
+        const bare = await runPgbench(notify)
         const notifyPerSecond = bare.tps
-        const singlePerSecond = runPgbench(single).tps
-        const batchEventsPerSecond = 100 * runPgbench(batch).tps
+        const singlePerSecond = (await runPgbench(single)).tps
+        const batchEventsPerSecond = 100 * (await runPgbench(batch)).tps
         // Every logged event was one NOTIFY, and so was every bare pg_notify.
-        const sent = await notified(db) - before + bare.transactions
         clearInterval(sampler)
+        await sample
+        const sent = await notified(db) - before + bare.transactions
         const drainBy = Date.now() + 60_000
         while (sessions.some((s) => s.received < sent) && Date.now() < drainBy) await sleep(50)
         complete &&= sessions.every((s) => s.received === sent)
