@@ -33,8 +33,12 @@ let nextLocalAddress = 0
 // A .mjs entry that registers tsx, then loads subscriber.ts.
 const SUBSCRIBER_URL = new URL('./subscriber-entry.mjs', import.meta.url)
 
-/** Opens `streams` streams split over `workers` threads; resolves when all answered. */
-export async function openSubscribers (target: Target, path: string, streams: number, workers: number, maxEvents: number): Promise<Subscribers> {
+/**
+ * Opens `streams` streams split over `workers` threads; resolves when all
+ * answered. Several paths are taken in turn, one per stream; `marker`
+ * begins the data of every event counted.
+ */
+export async function openSubscribers (target: Target, path: string | readonly string[], streams: number, workers: number, maxEvents: number, marker = MARKER): Promise<Subscribers> {
   const shared = new SharedArrayBuffer(8 * maxEvents)
   const threads: Worker[] = []
   const ready: Array<Promise<FromSubscriber>> = []
@@ -43,10 +47,10 @@ export async function openSubscribers (target: Target, path: string, streams: nu
     const config: SubscriberConfig = {
       host: target.host,
       port: target.port,
-      path,
+      paths: typeof path === 'string' ? [path] : [...path],
       headers: target.subscribeHeaders,
       streams: share,
-      marker: MARKER,
+      marker,
       sendTimes: shared,
       connectConcurrency: 100,
       localAddress: target.host === '127.0.0.1' ? `127.0.0.${1 + (nextLocalAddress++ % 8)}` : undefined

@@ -29,8 +29,8 @@ const { values: args } = parseArgs({
     // servers' reach, and the issue's 100,000.
     paced: { type: 'string', default: '1000x20,2000x50' },
     'paced-seconds': { type: 'string', default: '10' },
-    // Which phases run, of: memory, fan-out, paced, publish, flood, listeners.
-    phases: { type: 'string', default: 'memory,fan-out,paced,publish,flood,listeners' },
+    // Which phases run, of: memory, fan-out, rows, paced, publish, flood, listeners.
+    phases: { type: 'string', default: 'memory,fan-out,rows,paced,publish,flood,listeners' },
     'subscriber-workers': { type: 'string', default: '2' },
     'publish-seconds': { type: 'string', default: '5' },
     'flood-mb': { type: 'string', default: '90' },
@@ -164,6 +164,58 @@ async function measureFanOut (target: Target, channel: string, batch = 1): Promi
   }
   log(`${target.name}: ${deliveries}/${result.expected} deliveries in ${seconds.toFixed(2)} s = ${(result.perSecond / 1e6).toFixed(3)} M/s, p50 ${result.p50.toFixed(1)} ms, p99 ${result.p99.toFixed(1)} ms${result.publishErrors === '' ? '' : `, publish errors ${result.publishErrors}`}`)
   return result
+}
+
+/** The captured table's changes: `{"op":"INSERT",…}`. */
+const ROW_MARKER = 'data: {"op"'
+// Rows with status s0 … s9 in turn: each filter below passes 9 rows in 10.
+const ROW_FILTERS = Array.from({ length: 10 }, (_, k) => `filter=status=neq.s${k}&filter=total=gte.0`)
+
+/**
+ * Fan-out of row changes: STREAMS streams on one captured table, unfiltered
+ * or split over 10 distinct filter sets (streams with the same filters
+ * share one evaluation and one frame per event), while 16 connections
+ * insert EVENTS rows, one per transaction. Latency is not measured: a
+ * filtered stream's i-th event is not the i-th row.
+ */
+async function measureRowFanOut (gateway: GatewayTarget, filtered: boolean): Promise<FanOut> {
+  const table = filtered ? 'bench_rows_filtered' : 'bench_rows'
+  const db = new pg.Pool({ connectionString: gateway.databaseUrl, max: PUBLISH_CONCURRENCY })
+  try {
+    await db.query(`CREATE TABLE ${table} (id int PRIMARY KEY, status text NOT NULL, total int NOT NULL)`)
+    await db.query('SELECT sse_gateway.capture_changes($1)', [`public.${table}`])
+    const base = gateway.subscribePath(`public.${table}`)
+    const paths = filtered ? ROW_FILTERS.map((f) => `${base}&${f}`) : [base]
+    const perStream = filtered ? EVENTS - EVENTS / 10 : EVENTS
+    // Right after a phase closed its 5,000 streams the gateway may still be
+    // busy enough to shed new ones (a 200 with gateway/unavailable, which
+    // the subscribers would count as open): let it settle.
+    await sleep(3000)
+    const subs = await openSubscribers(gateway, paths, STREAMS, WORKERS, EVENTS, ROW_MARKER)
+    log(`gateway: ${STREAMS - subs.failed} streams on public.${table}${filtered ? `, ${paths.length} filter sets` : ''}; inserting ${EVENTS} rows`)
+    const delivered = subs.expect(perStream)
+    const firstSentAt = now()
+    let next = 0
+    await Promise.all(Array.from({ length: PUBLISH_CONCURRENCY }, async () => {
+      while (next < EVENTS) {
+        const id = next++
+        await db.query(`INSERT INTO ${table} VALUES ($1, $2, $3)`, [id, `s${id % 10}`, id])
+      }
+    }))
+    const delivery: Delivery = await Promise.race([
+      delivered,
+      sleep(120_000).then(() => { throw new Error(`public.${table}: not every event arrived within 120 s`) })
+    ])
+    await subs.close()
+    const deliveries = delivery.received.reduce((a, b) => a + b, 0)
+    const seconds = (delivery.lastReceiveAt - firstSentAt) / 1000
+    const result: FanOut = { streams: STREAMS, events: EVENTS, deliveries, expected: STREAMS * perStream, seconds, perSecond: deliveries / seconds, p50: NaN, p99: NaN, publishErrors: '' }
+    const short = delivery.received.filter((n) => n < perStream).length
+    log(`gateway, row changes${filtered ? ', filtered' : ''}: ${deliveries}/${result.expected} deliveries in ${seconds.toFixed(2)} s = ${(result.perSecond / 1e6).toFixed(3)} M/s${short > 0 ? `; ${short} streams short (${delivery.closedEarly} closed early; cut off: ${await cutOffCount(gateway)} in all)` : ''}`)
+    return result
+  } finally {
+    await db.end()
+  }
 }
 
 interface Paced {
@@ -396,7 +448,8 @@ interface Results {
   machine: string
   command: string
   nchan?: { memory?: Memory, fanOut?: FanOut, paced?: Paced[] }
-  gateway?: { memory?: Memory, fanOut?: FanOut, fanOutBatched?: FanOut, paced?: Paced[], publish?: Publish, flood?: Flood }
+  gateway?: { memory?: Memory, fanOut?: FanOut, fanOutBatched?: FanOut, rows?: { unfiltered: FanOut, filtered: FanOut }, paced?: Paced[], publish?: Publish, flood?: Flood }
+  rows?: { fanOut: FanOut, unfiltered: FanOut, filtered: FanOut }
   listeners?: ListenerScaling
 }
 
@@ -415,6 +468,18 @@ async function main (): Promise<void> {
     }
     return
   }
+  if (args.only === 'rows') {
+    // The channel fan-out and the row-change rows, in one run.
+    const gateway = await startGateway({ adminUrl: args.database, port: GATEWAY_PORT, nodeArgs: [], log })
+    try {
+      const fanOut = await measureFanOut(gateway, 'fan')
+      results.rows = { fanOut, unfiltered: await measureRowFanOut(gateway, false), filtered: await measureRowFanOut(gateway, true) }
+    } finally {
+      await gateway.stop()
+    }
+    process.stdout.write(JSON.stringify(results, null, 2) + '\n')
+    return
+  }
   if (args.only !== 'gateway' && ['memory', 'fan-out', 'paced'].some((p) => PHASES.has(p))) {
     const nchan = await startNchan({ port: NCHAN_PORT, log })
     try {
@@ -426,7 +491,7 @@ async function main (): Promise<void> {
       await nchan.stop()
     }
   }
-  if (args.only !== 'nchan' && ['memory', 'fan-out', 'paced', 'publish', 'flood'].some((p) => PHASES.has(p))) {
+  if (args.only !== 'nchan' && ['memory', 'fan-out', 'rows', 'paced', 'publish', 'flood'].some((p) => PHASES.has(p))) {
     const nodeArgs = args.profile ? ['--cpu-prof', '--cpu-prof-dir=bench/profiles'] : []
     const gateway = await startGateway({ adminUrl: args.database, port: GATEWAY_PORT, nodeArgs, log })
     try {
@@ -436,6 +501,7 @@ async function main (): Promise<void> {
         g.fanOut = await measureFanOut(gateway, 'fan')
         g.fanOutBatched = await measureFanOut(gateway, 'fan2', FAN_OUT_BATCH)
       }
+      if (PHASES.has('rows')) g.rows = { unfiltered: await measureRowFanOut(gateway, false), filtered: await measureRowFanOut(gateway, true) }
       if (PHASES.has('paced')) g.paced = await measureEach(PACED_RUNS, async (run, i) => await measurePaced(gateway, `paced${i}`, run))
       if (PHASES.has('publish')) g.publish = await measurePublish(gateway)
       if (PHASES.has('flood')) g.flood = await measureFlood(gateway)
@@ -470,6 +536,13 @@ function table ({ machine, command, nchan, gateway, listeners }: Results): strin
       ['  latency p99 (ms)', ms(nf?.p99), ms(gf?.p99), x(gf?.p99, nf?.p99), '≤ 1×'],
       [`  gateway, the same events published ${FAN_OUT_BATCH} per POST /events: deliveries/s (M)`, '', m(gb?.perSecond), x(gb?.perSecond, nf?.perSecond), ''],
       ['    every event delivered / p50 / p99 (ms)', '', gb === undefined ? '—' : `${gb.deliveries}/${gb.expected} / ${ms(gb.p50)} / ${ms(gb.p99)}`, '', '']
+    )
+  }
+  if (PHASES.has('rows')) {
+    rows.push(
+      [`  gateway, ${EVENTS} row changes of a captured table (INSERTs, ${PUBLISH_CONCURRENCY} connections), unfiltered: deliveries/s (M)`, '', m(gateway?.rows?.unfiltered.perSecond), x(gateway?.rows?.unfiltered.perSecond, gf?.perSecond) + ' of fan-out', ''],
+      ['    the same, 10 distinct filter sets (each passes 9 rows in 10): deliveries/s (M)', '', m(gateway?.rows?.filtered.perSecond), x(gateway?.rows?.filtered.perSecond, gf?.perSecond) + ' of fan-out', '≥ 0.5×'],
+      ['    every event delivered, unfiltered / filtered', '', gateway?.rows === undefined ? '—' : `${gateway.rows.unfiltered.deliveries}/${gateway.rows.unfiltered.expected} / ${gateway.rows.filtered.deliveries}/${gateway.rows.filtered.expected}`, '', 'all']
     )
   }
   if (PHASES.has('paced')) {

@@ -11,8 +11,8 @@ import { newHistogram, now, record } from './histogram.js'
 export interface SubscriberConfig {
   host: string
   port: number
-  /** The request line's target, e.g. `/events?channel=x`. */
-  path: string
+  /** The request line's target, e.g. `/events?channel=x`; several are taken in turn, one per stream. */
+  paths: string[]
   headers: Record<string, string>
   streams: number
   /** Bytes that begin every counted event's data line, e.g. `data: b`. */
@@ -57,8 +57,8 @@ let complete = 0
 let closedEarly = 0
 let lastReceiveAt = 0
 let doneSent = false
-const request = `GET ${config.path} HTTP/1.1\r\nHost: ${config.host}:${config.port}\r\nAccept: text/event-stream\r\n` +
-  Object.entries(config.headers).map(([k, v]) => `${k}: ${v}\r\n`).join('') + '\r\n'
+const requests = config.paths.map((path) => `GET ${path} HTTP/1.1\r\nHost: ${config.host}:${config.port}\r\nAccept: text/event-stream\r\n` +
+  Object.entries(config.headers).map(([k, v]) => `${k}: ${v}\r\n`).join('') + '\r\n')
 
 function countMarkers (chunk: Buffer, from: number): number {
   let n = 0
@@ -107,6 +107,7 @@ function open (): Promise<string> {
       settled = true
       resolve(status)
     }
+    const request = requests[streams.length % requests.length] as string
     socket.on('connect', () => socket.write(request))
     socket.on('data', (chunk: Buffer) => {
       if (stream.headerDone) {

@@ -7,7 +7,7 @@ import fastifyUnderPressure from '@fastify/under-pressure'
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify'
 import type { GatewayConfig } from './config.js'
 import { OverloadedError } from './errors.js'
-import { migrate } from './event-log.js'
+import { migrate, recordSettings } from './event-log.js'
 import authPlugin from './plugins/auth.js'
 import bodyParsersPlugin from './plugins/body-parsers.js'
 import gatewayPlugin from './plugins/gateway.js'
@@ -252,6 +252,7 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
   const client = await app.pg.connect()
   try {
     await migrate(client)
+    await recordSettings(client, { maxPayloadBytes: config.MAX_PAYLOAD_BYTES })
   } finally {
     client.release()
   }

@@ -9,7 +9,7 @@ export const LOG_SCHEMA = 'sse_gateway'
 
 // A notification payload must be shorter than 8000 bytes. Payloads up to this
 // size travel inline in the NOTIFY; larger ones travel as a reference to
-// their log row, which the listener reads. The migrations' publish_batch
+// their log row, which the listener reads. The migrations' append_checked
 // writes the same number (test/event-log.test.ts holds them to it), as it
 // does FORK_ID_GAP and MAX_EVENT_ID.
 export const INLINE_PAYLOAD_BYTES = 7900
@@ -30,7 +30,7 @@ export const INLINE_PAYLOAD_BYTES = 7900
  * first 16 bytes, in hex, of "<id>\n<channel>\n<payload>" (inline) or
  * "<id>\n<channel>" (reference), all in UTF-8, keyed with the log's wire key:
  * a random key made with the log, in a table only its owner can read, used
- * by publish_batch (SECURITY DEFINER) and read by the listener. A
+ * by append_checked (SECURITY DEFINER) and read by the listener. A
  * notification whose MAC does not verify is a plain NOTIFY, delivered as is
  * without an id, whatever it looks like: it can move no position and replace
  * no payload. Because every gateway event carries its own id, two events
@@ -41,7 +41,12 @@ export const INLINE_PAYLOAD_BYTES = 7900
  * sse_gateway.log_head when it draws its ids and keeps it until it commits,
  * so a transaction that draws later also commits later, and ids have no gaps
  * (a rollback returns the numbers it drew), except at a fork: see
- * FORK_ID_GAP.
+ * FORK_ID_GAP. It draws them as late as it can: a publish from SQL stages
+ * its events, and a deferred constraint trigger draws their ids, writes
+ * their log rows and NOTIFYs just before COMMIT (migration 007), so that a
+ * transaction that publishes holds nothing that blocks other publishers
+ * until it commits. The gateway's own publish (publishBatch) draws in a
+ * one-statement transaction, which commits at once.
  */
 export const WIRE_MARK = '\x1f'
 
@@ -99,7 +104,7 @@ export function decodeNotification (channel: string, payload: string, key: Buffe
   return { id, data }
 }
 
-/** Makes a notification payload as publish_batch does (tests and tools). */
+/** Makes a notification payload as the log's append_checked does (tests and tools). */
 export function encodeNotification (key: Buffer, id: EventId, channel: string, data: string | undefined): string {
   const idText = String(id)
   const mac = wireMac(key, idText, channel, data).toString('hex')
@@ -171,6 +176,25 @@ export async function migrate (client: pg.ClientBase, toVersion = SCHEMA_VERSION
   }
 }
 
+/** What the log's SQL side takes from the gateway's configuration. */
+export interface LogSettings {
+  /** MAX_PAYLOAD_BYTES: a captured row whose event would be larger is sent as its primary key, `"truncated": true`. */
+  maxPayloadBytes: number
+}
+
+/**
+ * Writes the settings into the log (sse_gateway.settings), where the row
+ * capture triggers read them; writes nothing when they are already there.
+ * Every instance on a database should be configured alike: the last one
+ * started wins.
+ */
+export async function recordSettings (client: pg.ClientBase, settings: LogSettings): Promise<void> {
+  await client.query(
+    `UPDATE ${LOG_SCHEMA}.settings SET max_payload_bytes = $1 WHERE max_payload_bytes IS DISTINCT FROM $1`,
+    [settings.maxPayloadBytes]
+  )
+}
+
 /**
  * Whether a failed statement was answered by the server, on a connection
  * that can serve again: a SQLSTATE error, but for a connection exception
@@ -209,14 +233,17 @@ export class IdempotencyConflictError extends Error {
  * Publishes events in one statement, hence in one implicit transaction that
  * commits before the database answers: one round trip, and no lock held
  * while an answer travels to the gateway and a COMMIT travels back.
- * Resolves with their ids, in order, once committed.
+ * Resolves with their ids, in order, once committed. It draws the ids in
+ * the statement (publish_batch_now), so that it can answer with them: the
+ * log's lock is held from there to the commit, which follows at once (or,
+ * in publishEvents' keyed transaction, after one more statement).
  */
 export async function publishBatch (db: pg.Pool | pg.ClientBase, events: readonly EventToPublish[]): Promise<string[]> {
   if (events.length === 0) return []
   // Not a named statement: those break behind PgBouncer's transaction
   // pooling, and measured no faster here.
   const { rows } = await db.query<{ ids: string[] }>(
-    `SELECT ${LOG_SCHEMA}.publish_batch($1::text[], $2::text[])::text[] AS ids`,
+    `SELECT ${LOG_SCHEMA}.publish_batch_now($1::text[], $2::text[])::text[] AS ids`,
     [events.map((e) => e.channel), events.map((e) => e.payload)]
   )
   return rows[0]?.ids ?? []

@@ -16,7 +16,7 @@ import { connectionAnswered, type EventToPublish, type IdempotencyKey, type Publ
  *
  * So the number of transactions is what to save. Publishes that arrive
  * while earlier ones are committing wait, and go together in the next
- * transaction: one call of sse_gateway.publish_batch with all their events,
+ * transaction: one call of sse_gateway.publish_batch_now with all their events,
  * in arrival order. Under light load a publish goes out at once, alone; under
  * heavy load each flush carries many. Each publish still gets what it asked
  * for: its events commit together or not at all, with consecutive ids, and

@@ -2,7 +2,7 @@ import pg from 'pg'
 import t from 'tap'
 import { MAX_EVENT_ID } from '../src/event-id.js'
 import { INLINE_PAYLOAD_BYTES, SCHEMA_VERSION, decodeNotification, encodeNotification, migrate, publishEvents, readEvents } from '../src/event-log.js'
-import { connect, consecutive, createDatabase, listenOn, readWireKey, type Teardown, waitFor } from './helper.js'
+import { connect, consecutive, createDatabase, listenOn, publishedWithSql, readWireKey, type Teardown } from './helper.js'
 
 function poolFor (t: Teardown, url: string): pg.Pool {
   const pool = new pg.Pool({ connectionString: url, max: 4 })
@@ -10,9 +10,14 @@ function poolFor (t: Teardown, url: string): pg.Pool {
   return pool
 }
 
+// In a transaction of its own; the id is drawn at its commit.
 async function publishSql (client: pg.ClientBase, channel: string | null, payload: string | null): Promise<string> {
-  const { rows } = await client.query<{ id: string }>('SELECT sse_gateway.publish($1, $2)::text AS id', [channel, payload])
-  return (rows[0] as { id: string }).id
+  return await publishedWithSql(client, channel as string, payload as string)
+}
+
+async function publishedIds (client: pg.ClientBase): Promise<string[]> {
+  const { rows } = await client.query<{ ids: string[] }>('SELECT sse_gateway.published_ids()::text[] AS ids')
+  return (rows[0] as { ids: string[] }).ids
 }
 
 async function lastId (client: pg.ClientBase): Promise<bigint> {
@@ -94,7 +99,10 @@ t.test('migrate', async (t) => {
     const url = await createDatabase(t)
     const client = await connect(t, url)
     await migrate(client, 3)
-    const old = [await publishSql(client, 'upgrade', 'one'), await publishSql(client, 'upgrade', 'two')]
+    // Before version 7, publish drew its id at once and returned it.
+    const publishOld = async (payload: string): Promise<string> =>
+      (await client.query<{ id: string }>("SELECT sse_gateway.publish('upgrade', $1)::text AS id", [payload])).rows[0]?.id as string
+    const old = [await publishOld('one'), await publishOld('two')]
     await migrate(client)
     t.same(await readEvents(client, old), [{ id: old[0], channel: 'upgrade', payload: 'one' }, { id: old[1], channel: 'upgrade', payload: 'two' }], 'the events survive')
     t.equal(await publishSql(client, 'upgrade', 'three'), String(BigInt(old[1] as string) + 1n), 'the ids go on')
@@ -102,6 +110,31 @@ t.test('migrate', async (t) => {
       "SELECT collation_name AS collation FROM information_schema.columns WHERE table_schema = 'sse_gateway' AND table_name = 'events' AND column_name = 'channel'"
     )
     t.equal(column?.collation, 'C', 'channel names compare byte by byte')
+  })
+
+  t.test('version 7 changes what publish returns and keeps who may call it', async (t) => {
+    const url = await createDatabase(t)
+    const client = await connect(t, url)
+    await migrate(client, 6)
+    const role = `pgsse_app_${process.pid}`
+    await client.query(`CREATE ROLE ${role}`)
+    t.teardown(async () => {
+      await client.query(`DROP OWNED BY ${role}`)
+      await client.query(`DROP ROLE ${role}`)
+    })
+    await client.query(`REVOKE EXECUTE ON FUNCTION sse_gateway.publish(text, text) FROM PUBLIC;
+      GRANT EXECUTE ON FUNCTION sse_gateway.publish(text, text) TO ${role}`)
+    await migrate(client)
+    const { rows: [may] } = await client.query<{ role: boolean, public: boolean, batch: boolean }>(
+      `SELECT has_function_privilege($1, 'sse_gateway.publish(text, text)', 'EXECUTE') AS role,
+        has_function_privilege('public', 'sse_gateway.publish(text, text)', 'EXECUTE') AS public,
+        has_function_privilege($1, 'sse_gateway.publish_batch(text[], text[])', 'EXECUTE') AS batch`, [role])
+    t.same(may, { role: true, public: false, batch: true }, 'the role keeps publish, PUBLIC does not get it back, publish_batch keeps the default')
+    const { rows: [returns] } = await client.query<{ type: string }>("SELECT prorettype::regtype::text AS type FROM pg_proc WHERE oid = 'sse_gateway.publish(text, text)'::regprocedure")
+    t.equal(returns?.type, 'void', 'publish returns nothing: the id is drawn at commit')
+    const { rows: [now] } = await client.query<{ public: boolean }>(
+      "SELECT has_function_privilege('public', 'sse_gateway.publish_batch_now(text[], text[])', 'EXECUTE') AS public")
+    t.equal(now?.public, false, 'the gateway\'s own publish, which draws ids at once, is not for other roles')
   })
 
   t.test('is safe when run concurrently from several connections', async (t) => {
@@ -127,9 +160,8 @@ t.test('ids are returned in order, gap-free, one per event', async (t) => {
   t.equal(viaPool[0], String(start + 1n), 'the first id follows the log head')
   t.ok(consecutive(viaPool), `consecutive: ${viaPool.join(',')}`)
 
-  const { rows } = await db.query<{ ids: string[] }>(
-    "SELECT sse_gateway.publish_batch(ARRAY['ids', 'ids', 'ids'], ARRAY['sql 1', 'sql 2', 'sql 3'])::text[] AS ids")
-  const viaBatch = (rows[0] as { ids: string[] }).ids
+  await db.query("SELECT sse_gateway.publish_batch(ARRAY['ids', 'ids', 'ids'], ARRAY['sql 1', 'sql 2', 'sql 3'])")
+  const viaBatch = await publishedIds(db)
   t.same(viaBatch, [6n, 7n, 8n].map((k) => String(start + k)), 'publish_batch goes on from there')
 
   const single = await publishSql(db, 'ids', 'sql single')
@@ -145,19 +177,22 @@ t.test('ids are returned in order, gap-free, one per event', async (t) => {
   t.same(inbox.payloads('ids'), all.map((id, i) => wire('ids', id, payloads[i] as string)), 'one notification per event, in id order')
 })
 
-t.test('a rolled back publish delivers nothing, leaves no row and returns its id', async (t) => {
+t.test('a rolled back publish delivers nothing, leaves no row and draws no id', async (t) => {
   const inbox = await listenOn(t, url, 'rollback')
   const tx = await connect(t, url)
+  const before = await lastId(db)
   await tx.query('BEGIN')
-  const doomed = await publishSql(tx, 'rollback', 'never')
+  await tx.query("SELECT sse_gateway.publish('rollback', 'never')")
   await tx.query('ROLLBACK')
 
   const kept = await publishSql(db, 'rollback', 'committed')
   await inbox.until(() => inbox.messages.length >= 1, 'the committed event')
   t.same(inbox.payloads('rollback'), [wire('rollback', kept, 'committed')], 'only the committed event arrives')
-  t.equal(kept, doomed, 'the committed event reuses the id the rollback returned: no gap')
+  t.equal(BigInt(kept), before + 1n, 'the committed event takes the next id: no gap')
   const { rows } = await db.query("SELECT id FROM sse_gateway.events WHERE payload = 'never'")
   t.equal(rows.length, 0, 'no row left')
+  const { rows: pending } = await db.query('SELECT FROM sse_gateway.pending_events')
+  t.equal(pending.length, 0, 'nothing left staged')
 })
 
 t.test('a failed publishEvents rolls back the whole batch', async (t) => {
@@ -234,64 +269,12 @@ t.test('two identical events in one batch are two notifications', async (t) => {
   await plain.query('COMMIT')
 
   const ids = (await publishEvents(pool, [{ channel: 'twins', payload: 'same' }, { channel: 'twins', payload: 'same' }])).ids
-  const { rows } = await db.query<{ ids: string[] }>("SELECT sse_gateway.publish_batch(ARRAY['twins', 'twins'], ARRAY['sql', 'sql'])::text[] AS ids")
-  const sqlIds = (rows[0] as { ids: string[] }).ids
+  await db.query("SELECT sse_gateway.publish_batch(ARRAY['twins', 'twins'], ARRAY['sql', 'sql'])")
+  const sqlIds = await publishedIds(db)
   await inbox.until(() => inbox.messages.length >= 5, 'five notifications')
   t.same(inbox.payloads('twins'), [
     'folded',
     wire('twins', ids[0] as string, 'same'), wire('twins', ids[1] as string, 'same'),
     wire('twins', sqlIds[0] as string, 'sql'), wire('twins', sqlIds[1] as string, 'sql')
   ])
-})
-
-interface ContendedPublish {
-  first: pg.Client
-  second: pg.Client
-  firstId: string
-  secondId: Promise<string>
-  /** Whether the second publish has been answered. */
-  settled: () => boolean
-}
-
-/**
- * Two publishers on 'order', each in an open transaction: the first has
- * published; resolves once the second's publish waits on the log's lock,
- * which nothing announces, so it polls pg_stat_activity.
- */
-async function contendedPublish (t: Teardown, firstPayload: string, secondPayload: string): Promise<ContendedPublish> {
-  const first = await connect(t, url)
-  const second = await connect(t, url)
-  const { rows } = await second.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')
-  const secondPid = (rows[0] as { pid: number }).pid
-  await first.query('BEGIN')
-  const firstId = await publishSql(first, 'order', firstPayload)
-  await second.query('BEGIN')
-  let settled = false
-  const secondId = publishSql(second, 'order', secondPayload).finally(() => { settled = true })
-  await waitFor(async () => {
-    const { rows } = await db.query<{ wait: string | null }>('SELECT wait_event_type AS wait FROM pg_stat_activity WHERE pid = $1', [secondPid])
-    return rows[0]?.wait === 'Lock'
-  }, 'the second publisher to wait on a lock')
-  return { first, second, firstId, secondId, settled: () => settled }
-}
-
-t.test('ids follow commit order: a second publisher waits for the first to commit', async (t) => {
-  const inbox = await listenOn(t, url, 'order')
-  const { first, second, firstId, secondId, settled } = await contendedPublish(t, 'first', 'second')
-  t.notOk(settled(), 'the second publish is blocked while the first is open')
-
-  await first.query('COMMIT')
-  const id = await secondId
-  await second.query('COMMIT')
-  t.equal(BigInt(id), BigInt(firstId) + 1n, 'the later committer gets the next, larger id')
-  await inbox.until(() => inbox.messages.length >= 2, 'both events')
-  t.same(inbox.payloads('order'), [wire('order', firstId, 'first'), wire('order', id, 'second')], 'delivered in id order')
-})
-
-t.test('a waiting publisher takes the ids a rolled back one returns', async (t) => {
-  const { first, second, firstId, secondId } = await contendedPublish(t, 'doomed', 'kept')
-  await first.query('ROLLBACK')
-  const id = await secondId
-  await second.query('COMMIT')
-  t.equal(id, firstId, 'no gap')
 })

@@ -165,7 +165,7 @@ async function run (): Promise<void> {
     const state = await failover(t, {
       beforeRetarget: async (clusters) => {
         for (let i = 1; i <= 2; i++) {
-          const [row] = await clusters.query<{ id: string }>(clusters.replica, 'SELECT sse_gateway.publish($1, $2)::text AS id', [CHANNEL, `early ${i}`])
+          const [row] = await clusters.query<{ id: string }>(clusters.replica, 'SELECT (sse_gateway.publish_batch_now(ARRAY[$1], ARRAY[$2]))[1]::text AS id', [CHANNEL, `early ${i}`])
           early.push(row?.id as string)
         }
       }

@@ -285,6 +285,17 @@ export async function poolWaitingOnLock (db: pg.ClientBase): Promise<PoolBackend
   return waiting
 }
 
+/**
+ * Publishes with sse_gateway.publish in a transaction of its own (the
+ * client must not be in one) and resolves with the event's id, which is
+ * drawn at commit: sse_gateway.published_ids() tells it afterwards.
+ */
+export async function publishedWithSql (db: pg.ClientBase, channel: string, payload: string): Promise<string> {
+  await db.query('SELECT sse_gateway.publish($1, $2)', [channel, payload])
+  const { rows } = await db.query<{ ids: string[] }>('SELECT sse_gateway.published_ids()::text[] AS ids')
+  return rows[0]?.ids[0] as string
+}
+
 /** The status GET /readyz answers now. */
 export async function readyStatus (gateway: TestGateway): Promise<number> {
   const res = await fetch(`${gateway.baseUrl}/readyz`)

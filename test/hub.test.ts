@@ -3,7 +3,7 @@ import { migrate } from '../src/event-log.js'
 import { ChannelHub, type ChannelListener, type EventSink } from '../src/hub.js'
 import { ListenerConnection, type ChannelEvent } from '../src/listener.js'
 import { encodeEvent } from '../src/sse.js'
-import { connect, createDatabase, Signal, type Teardown } from './helper.js'
+import { connect, createDatabase, publishedWithSql, Signal, type Teardown } from './helper.js'
 
 // Wakes whoever waits on what arrived, instead of sleeping.
 const signal = new Signal()
@@ -80,8 +80,7 @@ async function setup (t: Teardown, { connected = true } = {}): Promise<Setup> {
 }
 
 async function publish (channel: string, payload: string): Promise<string> {
-  const { rows } = await db.query<{ id: string }>('SELECT sse_gateway.publish($1, $2)::text AS id', [channel, payload])
-  return (rows[0] as { id: string }).id
+  return await publishedWithSql(db, channel, payload)
 }
 
 /**

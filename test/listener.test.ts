@@ -4,7 +4,7 @@ import t from 'tap'
 import { encodeNotification, migrate, publishEvents } from '../src/event-log.js'
 import { LISTENER_APPLICATION_NAME, ListenerConnection, type ChannelEvent, type ListenerOptions } from '../src/listener.js'
 import type { EventId } from '../src/event-id.js'
-import { connect, createDatabase, readWireKey, seededRandom, Signal, type Teardown, waitFor } from './helper.js'
+import { connect, createDatabase, publishedWithSql, readWireKey, seededRandom, Signal, type Teardown, waitFor } from './helper.js'
 
 // What a listener emitted, with a way to wait for a condition on it instead of sleeping.
 class Received {
@@ -60,8 +60,7 @@ async function notify (client: pg.ClientBase, channel: string, payload: string):
 }
 
 async function publish (channel: string, payload: string): Promise<EventId> {
-  const { rows } = await db.query<{ id: string }>('SELECT sse_gateway.publish($1, $2)::text AS id', [channel, payload])
-  return Number((rows[0] as { id: string }).id)
+  return Number(await publishedWithSql(db, channel, payload))
 }
 
 /** Publishes through the pool, one transaction; the ids as the listener gives them. */

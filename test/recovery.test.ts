@@ -10,12 +10,11 @@ import { type EmbeddedDatabase, startEmbeddedPostgres } from '../src/embedded-po
 import { FORK_ID_GAP, pruneLog } from '../src/event-log.js'
 import { type ConnectedInfo, LISTENER_APPLICATION_NAME, type ListenerConnection } from '../src/listener.js'
 import { startProxy } from './tcp-proxy.js'
-import { connect, createDatabase, openStream, published, type ReceivedEvent, readyStatus, startGateway, type StreamClient, streamUrl, subscriber, type Test, type TestGateway, waitFor, waitForData, within } from './helper.js'
+import { connect, createDatabase, openStream, published, publishedWithSql, type ReceivedEvent, readyStatus, startGateway, type StreamClient, streamUrl, subscriber, type Test, type TestGateway, waitFor, waitForData, within } from './helper.js'
 
 /** Publishes with SQL on `db`, bypassing the gateway; returns the id. */
 async function publishSql (db: pg.Client, channel: string, payload: string): Promise<string> {
-  const { rows } = await db.query<{ id: string }>('SELECT sse_gateway.publish($1, $2)::text AS id', [channel, payload])
-  return rows[0]?.id as string
+  return await publishedWithSql(db, channel, payload)
 }
 
 const gaps = (stream: StreamClient): ReceivedEvent[] => stream.control.filter((e) => e.event === 'gateway/gap')
@@ -230,7 +229,7 @@ t.test('a listener outage longer than retention: streams are told exactly what w
   // The listener is away, and cannot come back until the log is pruned.
   await cut()
   const { rows } = await db.query<{ ids: string[] }>(
-    "SELECT sse_gateway.publish_batch(array_fill('orders'::text, ARRAY[30]), ARRAY(SELECT 'during ' || i FROM generate_series(0, 29) AS i))::text[] AS ids")
+    "SELECT sse_gateway.publish_batch_now(array_fill('orders'::text, ARRAY[30]), ARRAY(SELECT 'during ' || i FROM generate_series(0, 29) AS i))::text[] AS ids")
   const during = rows[0]?.ids ?? []
   await pruneLog(pool, { maxAgeSeconds: 86_400, maxEvents: 5, idempotencyWindowSeconds: 60 })
   const kept = during.slice(-5)

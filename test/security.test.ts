@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto'
 import { readFile } from 'node:fs/promises'
 import t from 'tap'
-import { connect, errorBody, JWT_SECRET, openStream, publish, startGateway, type StreamClient, streamUrl, type TestGateway, waitFor, within } from './helper.js'
+import { connect, errorBody, JWT_SECRET, openStream, publish, publishedWithSql, startGateway, type StreamClient, streamUrl, type TestGateway, waitFor, within } from './helper.js'
 import { loggingGateway, rawExchange, stillServing } from './security-helper.js'
 
 const bearer = (gateway: TestGateway, claims = { subscribe: ['*'], publish: ['*'] }): Record<string, string> =>
@@ -213,9 +213,8 @@ t.test('errors are terse: no token, path, stack or SQL in them', async (t) => {
 t.test('resuming from the id of an event on a channel the client may not read reveals nothing', async (t) => {
   const gateway = await startGateway(t)
   const db = await connect(t, gateway.databaseUrl)
-  const { rows } = await db.query<{ id: string }>("SELECT sse_gateway.publish('secret', 'hidden')::text AS id")
-  const secretId = rows[0]?.id as string
-  const { rows: mine } = await db.query<{ id: string }>("SELECT sse_gateway.publish('mine', 'visible')::text AS id")
+  const secretId = await publishedWithSql(db, 'secret', 'hidden')
+  const mineId = await publishedWithSql(db, 'mine', 'visible')
   const headers = { authorization: `Bearer ${gateway.token({ subscribe: ['mine'] })}` }
   const opened = async (lastEventId: string): Promise<StreamClient> => {
     const stream = await openStream(t, streamUrl(gateway.baseUrl, ['mine']), { ...headers, 'last-event-id': lastEventId })
@@ -225,7 +224,7 @@ t.test('resuming from the id of an event on a channel the client may not read re
   }
   const fromSecret = await opened(secretId)
   const fromZero = await opened('0')
-  t.same(fromSecret.events, [{ id: mine[0]?.id, event: 'mine', data: 'visible' }], 'only the readable event')
+  t.same(fromSecret.events, [{ id: mineId, event: 'mine', data: 'visible' }], 'only the readable event')
   t.same(fromZero.events, fromSecret.events, 'as from any other id')
   t.same(fromSecret.control.map((e) => e.event), ['gateway/open'], 'no error and no gateway/missed')
   t.notOk([...fromSecret.events, ...fromSecret.control].some((e) => e.data.includes('hidden') || e.event === 'secret'))

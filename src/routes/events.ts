@@ -9,6 +9,8 @@ import { jittered, type PreparedStream, type StreamRequest, StreamUnavailableErr
 import { type EventId, MAX_EVENT_ID, parseEventId } from '../event-id.js'
 import { checkChannelNames } from '../channel.js'
 import { BATCH_DATA, toPayload } from '../payload.js'
+import type { EventSelector } from '../hub.js'
+import { filterSelector, RowFilterError, RowFilters } from '../row-filter.js'
 import { API_ROUTE, API_SECURITY_HEADERS } from '../plugins/security.js'
 
 export interface EventsRoutesOptions {
@@ -29,8 +31,21 @@ const StreamQuery = Type.Object({
   // A single ?channel=x arrives as a string and is coerced to [x].
   channel: Type.Array(Type.String(), { minItems: 1 }),
   access_token: Type.Optional(Type.String()),
-  lastEventId: Type.Optional(Type.String())
+  lastEventId: Type.Optional(Type.String()),
+  // Row filters (src/row-filter.ts), ANDed: ?filter=status=eq.shipped&filter=total=gte.100
+  filter: Type.Optional(Type.Array(Type.String()))
 })
+
+/** The stream's selector: its row filters, or undefined (every event) without any; BadRequestError naming a bad filter. */
+function selectorOf (filters: string[] | undefined): EventSelector | undefined {
+  if (filters === undefined || filters.length === 0) return undefined
+  try {
+    return filterSelector(RowFilters.parse(filters))
+  } catch (err) {
+    if (err instanceof RowFilterError) throw new BadRequestError(err.message)
+    throw err
+  }
+}
 
 function resumeId (value: string | string[] | undefined): EventId | undefined {
   if (value === undefined) return undefined
@@ -263,12 +278,16 @@ export default async function eventsRoutes (app: FastifyInstance, options: Event
       throw new BadRequestError(`a stream may have at most ${options.maxChannelsPerStream} channels`)
     }
     checkChannelNames(channels)
+    // Filters narrow what a stream gets on channels it may read: the token
+    // is checked for the channels, as without them.
+    const selector = selectorOf(request.query.filter)
     // EventSource sends the header on reconnect; the query parameter serves
     // a first connection from a client that kept its place.
     const resumeFrom = resumeId(request.headers['last-event-id'] ?? request.query.lastEventId)
     return await serveStream(app, request, reply, {
       channels,
       resumeFrom,
+      selector,
       authorize: async () => (await app.authorize(request, 'subscribe', channels))?.exp
     }, streamSettings)
   })

@@ -121,7 +121,7 @@ t.test('a NOTIFY from another session arrives exact and without id', async (t) =
   ])
 })
 
-t.test('sse_gateway.publish delivers on COMMIT with its id and nothing on ROLLBACK', async (t) => {
+t.test('sse_gateway.publish delivers on COMMIT, with the ids drawn then, and nothing on ROLLBACK', async (t) => {
   const gateway = await startGateway(t)
   const stream = await openStream(t, streamUrl(gateway.baseUrl, ['tx']), subscriber(gateway))
   const db = await connect(t, gateway.databaseUrl)
@@ -131,16 +131,17 @@ t.test('sse_gateway.publish delivers on COMMIT with its id and nothing on ROLLBA
   await db.query('ROLLBACK')
 
   await db.query('BEGIN')
-  const { rows } = await db.query<{ id: string }>('SELECT sse_gateway.publish($1, $2)::text AS id', ['tx', 'committed'])
-  const { rows: second } = await db.query<{ id: string }>('SELECT sse_gateway.publish($1, $2)::text AS id', ['tx', 'committed'])
+  await db.query('SELECT sse_gateway.publish($1, $2)', ['tx', 'committed'])
+  await db.query('SELECT sse_gateway.publish($1, $2)', ['tx', 'committed'])
   t.equal(stream.events.length, 0, 'nothing before COMMIT')
   await db.query('COMMIT')
+  const { rows: [drawn] } = await db.query<{ ids: string[] }>('SELECT sse_gateway.published_ids()::text[] AS ids')
 
   const sentinel = await published(gateway, 'tx', 'sentinel')
   await waitForData(stream, 'sentinel')
   t.same(stream.events, [
-    { id: rows[0]?.id, event: 'tx', data: 'committed' },
-    { id: second[0]?.id, event: 'tx', data: 'committed' },
+    { id: drawn?.ids[0], event: 'tx', data: 'committed' },
+    { id: drawn?.ids[1], event: 'tx', data: 'committed' },
     { id: sentinel, event: 'tx', data: 'sentinel' }
   ], 'both identical events of the committed transaction, none of the rolled back one')
 })
