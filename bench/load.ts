@@ -166,7 +166,8 @@ export async function publishEvents (target: Target, channel: string, count: num
       for (let seq = first; seq <= next; seq++) sendTimes[seq - 1] = at
       let res: PostResult
       if (batch === 1 || target.publishBatchRequest === undefined) {
-        res = await poster.post(single.path, single.headers, payload(first, size))
+        const body = payload(first, size)
+        res = await poster.post(single.path, single.headers, target.publishBody?.(channel, body) ?? body)
       } else {
         const payloads = Array.from({ length: next - first + 1 }, (_, i) => payload(first + i, size))
         const { path, headers, body } = target.publishBatchRequest(channel, payloads)

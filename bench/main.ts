@@ -1,5 +1,6 @@
 // `npm run bench`: Nchan and the gateway side by side, driven by one load
 // generator; prints a table (and writes bench/results/<time>.json).
+// `--only mercure`: the gateway's channel and Mercure fan-outs alone.
 import { execFileSync } from 'node:child_process'
 import { connect } from 'node:net'
 import { mkdirSync, writeFileSync } from 'node:fs'
@@ -9,7 +10,7 @@ import { parseArgs } from 'node:util'
 import pg from 'pg'
 import { now, quantile } from './histogram.js'
 import { type Delivery, openSubscribers, payload, Poster, publishEvents, publishPaced, type Subscribers } from './load.js'
-import { type GatewayTarget, pgbenchPath, rssBytes, startGateway, startNchan, type Target } from './targets.js'
+import { type GatewayTarget, mercureTarget, pgbenchPath, rssBytes, startGateway, startNchan, type Target } from './targets.js'
 import { type ListenerScaling, measureListenerScaling } from './listeners.js'
 import { ensureWrk, runWrk, type WrkOptions, type WrkRun } from './wrk.js'
 
@@ -29,8 +30,8 @@ const { values: args } = parseArgs({
     // servers' reach, and the issue's 100,000.
     paced: { type: 'string', default: '1000x20,2000x50' },
     'paced-seconds': { type: 'string', default: '10' },
-    // Which phases run, of: memory, fan-out, rows, paced, publish, flood, listeners.
-    phases: { type: 'string', default: 'memory,fan-out,rows,paced,publish,flood,listeners' },
+    // Which phases run, of: memory, fan-out, mercure, rows, paced, publish, flood, listeners.
+    phases: { type: 'string', default: 'memory,fan-out,mercure,rows,paced,publish,flood,listeners' },
     'subscriber-workers': { type: 'string', default: '2' },
     'publish-seconds': { type: 'string', default: '5' },
     'flood-mb': { type: 'string', default: '90' },
@@ -381,7 +382,7 @@ async function measureFlood (gateway: GatewayTarget): Promise<Flood> {
   const events = batches * perBatch
   const db = new pg.Client({ connectionString: gateway.databaseUrl })
   await db.connect()
-  const { rows } = await db.query<{ head: string }>('SELECT last_id::text AS head FROM sse_gateway.log_head')
+  const { rows } = await db.query<{ head: string }>('SELECT sse_gateway.log_head_id()::text AS head')
   await db.end()
   const head = rows[0]?.head ?? '0'
   const others = await openSubscribers(gateway, gateway.subscribePath('flood'), 20, 1, events)
@@ -451,6 +452,17 @@ interface Results {
   gateway?: { memory?: Memory, fanOut?: FanOut, fanOutBatched?: FanOut, rows?: { unfiltered: FanOut, filtered: FanOut }, paced?: Paced[], publish?: Publish, flood?: Flood }
   rows?: { fanOut: FanOut, unfiltered: FanOut, filtered: FanOut }
   listeners?: ListenerScaling
+  /** The same fan-out through the Mercure hub: one topic selector, updates on that topic. */
+  mercure?: { channelFanOut: FanOut, fanOut: FanOut }
+}
+
+// The topic of the Mercure fan-out, subscribed with a selector of its own.
+const MERCURE_TOPIC = 'https://example.com/books/1'
+
+/** The channel fan-out and the Mercure fan-out, one after the other on one gateway. */
+async function measureMercure (gateway: GatewayTarget, channelFanOut?: FanOut): Promise<{ channelFanOut: FanOut, fanOut: FanOut }> {
+  const channel = channelFanOut ?? await measureFanOut(gateway, 'fan')
+  return { channelFanOut: channel, fanOut: await measureFanOut(mercureTarget(gateway), MERCURE_TOPIC) }
 }
 
 async function main (): Promise<void> {
@@ -466,6 +478,16 @@ async function main (): Promise<void> {
     } finally {
       await gateway.stop()
     }
+    return
+  }
+  if (args.only === 'mercure') {
+    const gateway = await startGateway({ adminUrl: args.database, port: GATEWAY_PORT, nodeArgs: args.profile ? ['--cpu-prof', '--cpu-prof-dir=bench/profiles'] : [], log })
+    try {
+      results.mercure = await measureMercure(gateway)
+    } finally {
+      await gateway.stop()
+    }
+    process.stdout.write(table(results) + '\n')
     return
   }
   if (args.only === 'rows') {
@@ -491,7 +513,7 @@ async function main (): Promise<void> {
       await nchan.stop()
     }
   }
-  if (args.only !== 'nchan' && ['memory', 'fan-out', 'rows', 'paced', 'publish', 'flood'].some((p) => PHASES.has(p))) {
+  if (args.only !== 'nchan' && ['memory', 'fan-out', 'mercure', 'rows', 'paced', 'publish', 'flood'].some((p) => PHASES.has(p))) {
     const nodeArgs = args.profile ? ['--cpu-prof', '--cpu-prof-dir=bench/profiles'] : []
     const gateway = await startGateway({ adminUrl: args.database, port: GATEWAY_PORT, nodeArgs, log })
     try {
@@ -501,6 +523,7 @@ async function main (): Promise<void> {
         g.fanOut = await measureFanOut(gateway, 'fan')
         g.fanOutBatched = await measureFanOut(gateway, 'fan2', FAN_OUT_BATCH)
       }
+      if (PHASES.has('mercure')) results.mercure = await measureMercure(gateway, g.fanOut)
       if (PHASES.has('rows')) g.rows = { unfiltered: await measureRowFanOut(gateway, false), filtered: await measureRowFanOut(gateway, true) }
       if (PHASES.has('paced')) g.paced = await measureEach(PACED_RUNS, async (run, i) => await measurePaced(gateway, `paced${i}`, run))
       if (PHASES.has('publish')) g.publish = await measurePublish(gateway)
@@ -518,7 +541,7 @@ async function main (): Promise<void> {
   process.stdout.write(table(results) + `\n(${file})\n`)
 }
 
-function table ({ machine, command, nchan, gateway, listeners }: Results): string {
+function table ({ machine, command, nchan, gateway, mercure, listeners }: Results): string {
   const m = (n: number | undefined, d = 2): string => n === undefined || Number.isNaN(n) ? '—' : (n / 1e6).toFixed(d)
   const ms = (n: number | undefined): string => n === undefined || Number.isNaN(n) ? '—' : n.toFixed(1)
   const kb = (n: number | undefined): string => n === undefined || Number.isNaN(n) ? '—' : (n / 1024).toFixed(1)
@@ -543,6 +566,13 @@ function table ({ machine, command, nchan, gateway, listeners }: Results): strin
       [`  gateway, ${EVENTS} row changes of a captured table (INSERTs, ${PUBLISH_CONCURRENCY} connections), unfiltered: deliveries/s (M)`, '', m(gateway?.rows?.unfiltered.perSecond), x(gateway?.rows?.unfiltered.perSecond, gf?.perSecond) + ' of fan-out', ''],
       ['    the same, 10 distinct filter sets (each passes 9 rows in 10): deliveries/s (M)', '', m(gateway?.rows?.filtered.perSecond), x(gateway?.rows?.filtered.perSecond, gf?.perSecond) + ' of fan-out', '≥ 0.5×'],
       ['    every event delivered, unfiltered / filtered', '', gateway?.rows === undefined ? '—' : `${gateway.rows.unfiltered.deliveries}/${gateway.rows.unfiltered.expected} / ${gateway.rows.filtered.deliveries}/${gateway.rows.filtered.expected}`, '', 'all']
+    )
+  }
+  if (mercure !== undefined) {
+    const f = mercure.fanOut
+    rows.push(
+      [`Mercure fan-out, ${STREAMS} subscribers on one topic selector × ${EVENTS} updates: deliveries/s (M)`, '', m(f.perSecond), `${x(f.perSecond, mercure.channelFanOut.perSecond)} channel fan-out (${m(mercure.channelFanOut.perSecond)})`, '≥ 0.8× channel'],
+      ['  every update delivered / p50 / p99 (ms)', '', `${f.deliveries}/${f.expected} / ${ms(f.p50)} / ${ms(f.p99)}`, '', 'all']
     )
   }
   if (PHASES.has('paced')) {

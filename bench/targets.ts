@@ -21,6 +21,8 @@ export interface Target {
   subscribeHeaders: Record<string, string>
   /** Method, path and headers of a single-event publish; the body is the payload. */
   publishRequest (channel: string): { path: string, headers: Record<string, string> }
+  /** The body of a single-event publish, when it is not the payload itself. */
+  publishBody?: (channel: string, payload: string) => string
   /** A publish of several events in one request, where the server has one. */
   publishBatchRequest?: (channel: string, payloads: string[]) => { path: string, headers: Record<string, string>, body: string }
   stop (): Promise<void>
@@ -118,7 +120,8 @@ export async function startGateway ({ adminUrl, port, env = {}, nodeArgs = [], l
     await stopChild(child)
     throw err
   }
-  const token = createSigner({ key: secret, algorithm: 'HS256', expiresIn: '2h' })({ sub: 'bench', publish: ['*'], subscribe: ['*'], admin: true })
+  // The mercure claim: the same token publishes and subscribes on the Mercure hub.
+  const token = createSigner({ key: secret, algorithm: 'HS256', expiresIn: '2h' })({ sub: 'bench', publish: ['*'], subscribe: ['*'], admin: true, mercure: { publish: ['*'], subscribe: ['*'] } })
   log(`gateway: pid ${child.pid ?? '?'}, database ${name}`)
   return {
     name: 'gateway',
@@ -256,5 +259,24 @@ http {
     async stop () {
       await stopChild(child)
     }
+  }
+}
+
+/**
+ * The gateway's Mercure hub as a target: a channel name becomes a topic,
+ * subscribed with one `topic=` selector and published as a form.
+ */
+export function mercureTarget (gateway: GatewayTarget): Target {
+  const authorization = `Bearer ${gateway.token}`
+  return {
+    name: 'gateway (Mercure)',
+    host: gateway.host,
+    port: gateway.port,
+    pid: gateway.pid,
+    subscribePath: (topic) => `/.well-known/mercure?topic=${encodeURIComponent(topic)}`,
+    subscribeHeaders: { Authorization: authorization },
+    publishRequest: () => ({ path: '/.well-known/mercure', headers: { 'content-type': 'application/x-www-form-urlencoded', authorization } }),
+    publishBody: (topic, payload) => new URLSearchParams({ topic, data: payload }).toString(),
+    stop: async () => {}
   }
 }

@@ -17,6 +17,7 @@ import securityPlugin, { API_SECURITY_HEADERS } from './plugins/security.js'
 import channelsRoutes from './routes/channels.js'
 import eventsRoutes, { guardStreamConnections } from './routes/events.js'
 import healthRoutes from './routes/health.js'
+import mercureRoutes, { MERCURE_COOKIES, MERCURE_PATH } from './routes/mercure.js'
 import statusRoutes from './routes/status.js'
 import statusStreamRoutes from './routes/status-stream.js'
 import ticketsRoutes from './routes/tickets.js'
@@ -211,7 +212,7 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
   })
 
   // The first onRequest hook: it must run as each request arrives.
-  guardStreamConnections(app)
+  guardStreamConnections(app, new Set(['/events', MERCURE_PATH]))
 
   app.setErrorHandler<FastifyError>((err, request, reply) => {
     const statusCode = err.statusCode !== undefined && err.statusCode >= 400 ? err.statusCode : 500
@@ -330,5 +331,26 @@ export async function build (config: AppConfig, logger: FastifyServerOptions['lo
   await app.register(statusRoutes, { retention: { maxAgeSeconds: config.RETENTION_MAX_AGE_SECONDS, maxEvents: config.RETENTION_MAX_EVENTS } })
   await app.register(statusStreamRoutes, { retryMs: config.RETRY_MS, poolSize: config.PG_POOL_SIZE, ticketTtlSeconds: config.TICKET_TTL_SECONDS })
   await app.register(ticketsRoutes, { maxChannels: config.MAX_CHANNELS_PER_STREAM, ticketTtlSeconds: config.TICKET_TTL_SECONDS })
+  // Mercure's keys default to the gateway's own.
+  const defaultKey = config.JWT_ALGORITHM === 'HS256' ? config.JWT_SECRET : config.jwtPublicKey as string
+  await app.register(mercureRoutes, {
+    hubUrl: config.MERCURE_HUB_URL,
+    anonymous: config.MERCURE_ANONYMOUS,
+    tokens: {
+      algorithm: config.JWT_ALGORITHM,
+      publisherKey: config.MERCURE_PUBLISHER_JWT_KEY ?? defaultKey,
+      subscriberKey: config.MERCURE_SUBSCRIBER_JWT_KEY ?? defaultKey,
+      audience: config.MERCURE_AUDIENCE,
+      issuer: config.MERCURE_ISSUER,
+      requireExp: config.JWT_REQUIRE_EXP,
+      clockToleranceSeconds: config.CLOCK_TOLERANCE_SECONDS
+    },
+    cookieNames: [...(config.MERCURE_COOKIE_NAME !== undefined ? [config.MERCURE_COOKIE_NAME] : []), ...MERCURE_COOKIES],
+    trustedOrigins: config.corsOrigins,
+    retryMs: config.RETRY_MS,
+    streamBufferBytes: config.STREAM_BUFFER_BYTES,
+    maxPayloadBytes: config.MAX_PAYLOAD_BYTES,
+    subscriptions: config.MERCURE_SUBSCRIPTIONS
+  })
   return app
 }

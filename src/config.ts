@@ -62,7 +62,23 @@ export const ConfigSchema = Type.Object({
   EMBEDDED_PG_DIR: Type.String({ default: '.data/postgres', minLength: 1 }),
   // Load shedding: 0 turns it off.
   MAX_EVENT_LOOP_DELAY_MS: Type.Integer({ default: 1000, minimum: 0 }),
-  EVENT_LOOP_SAMPLE_MS: Type.Integer({ default: 1000, minimum: 10 })
+  EVENT_LOOP_SAMPLE_MS: Type.Integer({ default: 1000, minimum: 10 }),
+  // Mercure (README, "Mercure"): subscribers without a token get public updates.
+  MERCURE_ANONYMOUS: Type.Boolean({ default: false }),
+  // Mercure tokens without exp are refused unless false (draft-07 tokens often have none).
+  JWT_REQUIRE_EXP: Type.Boolean({ default: true }),
+  // Mercure's separate keys (an HS256 secret, or a PEM public key for RS256/ES256); JWT_SECRET or JWT_PUBLIC_KEY_FILE by default.
+  MERCURE_PUBLISHER_JWT_KEY: Type.Optional(Type.String({ minLength: 32 })),
+  MERCURE_SUBSCRIBER_JWT_KEY: Type.Optional(Type.String({ minLength: 32 })),
+  // When set, a Mercure token's aud must hold it, its iss must be it.
+  MERCURE_AUDIENCE: Type.Optional(Type.String({ minLength: 1 })),
+  MERCURE_ISSUER: Type.Optional(Type.String({ minLength: 1 })),
+  // A cookie read for Mercure tokens besides mercureAuthorization and __Secure-mercure_access_token.
+  MERCURE_COOKIE_NAME: Type.Optional(Type.String({ pattern: '^[A-Za-z0-9_.-]{1,64}$' })),
+  // The hub's URL: relative topics and URL patterns resolve against it; its path is reserved for the hub.
+  MERCURE_HUB_URL: Type.String({ default: 'https://localhost/.well-known/mercure', minLength: 1 }),
+  // The subscriptions API and subscription events.
+  MERCURE_SUBSCRIPTIONS: Type.Boolean({ default: false })
 })
 
 export type Env = Static<typeof ConfigSchema>
@@ -125,6 +141,10 @@ export function loadConfig (env: Record<string, string | undefined> = process.en
     }
     return origin
   })
+  // The hub is served at /.well-known/mercure: its URL says where, seen from outside.
+  if (!URL.canParse(values.MERCURE_HUB_URL) || new URL(values.MERCURE_HUB_URL).pathname !== '/.well-known/mercure') {
+    fail('MERCURE_HUB_URL must be an absolute URL whose path is /.well-known/mercure, such as https://hub.example.com/.well-known/mercure')
+  }
   const trustProxy = values.TRUST_PROXY === 'true' ? true : splitList(values.TRUST_PROXY)
   return Object.freeze({ ...values, publicChannels, corsOrigins, jwtPublicKey, trustProxy: Array.isArray(trustProxy) && trustProxy.length === 0 ? false : trustProxy })
 }

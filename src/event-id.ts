@@ -8,8 +8,8 @@
  * Every one of those places accepts the same range, parsed here, so that a
  * client never holds an id the gateway would refuse when it resumes.
  * PostgreSQL's bigint goes further, but a JavaScript number is exact only
- * up to 2^53 - 1; the log refuses to draw ids past it (a CHECK on
- * sse_gateway.log_head), which is 285 years of a million events a second.
+ * up to 2^53 - 1; the log refuses to draw ids past it (SQLSTATE
+ * 23514, from append_checked), which is 285 years of a million events a second.
  */
 export type EventId = number
 

@@ -37,15 +37,22 @@ export const INLINE_PAYLOAD_BYTES = 7900
  * with the same channel and payload in one transaction stay two
  * notifications (PostgreSQL folds identical pairs).
  *
- * Ids follow commit order: the publishing transaction takes the row lock of
- * sse_gateway.log_head when it draws its ids and keeps it until it commits,
- * so a transaction that draws later also commits later, and ids have no gaps
- * (a rollback returns the numbers it drew), except at a fork: see
- * FORK_ID_GAP. It draws them as late as it can: a publish from SQL stages
- * its events, and a deferred constraint trigger draws their ids, writes
- * their log rows and NOTIFYs just before COMMIT (migration 007), so that a
- * transaction that publishes holds nothing that blocks other publishers
- * until it commits. The gateway's own publish (publishBatch) draws in a
+ * Ids follow commit order: the publishing transaction takes the advisory
+ * lock ID_LOCK_KEY when it draws its ids, from the sequence
+ * sse_gateway.event_ids, and keeps it until it ends. PostgreSQL releases a
+ * transaction's locks after the transaction became visible to others, so a
+ * transaction that draws later also commits later, and once an id is
+ * visible every smaller one is committed or will never be: the head is the
+ * largest committed id (sse_gateway.log_head_id()). Ids never go backwards
+ * but may skip: a transaction that aborts after drawing (its commit failed
+ * after the flush) leaves a hole, and so does a fork (FORK_ID_GAP). Neither
+ * the lock nor the sequence reads through a snapshot, so drawing never
+ * fails a REPEATABLE READ or SERIALIZABLE transaction (an UPDATE of a head
+ * row did, until migration 007). It draws them as late as it can: a
+ * publish from SQL stages its events, and a deferred constraint trigger
+ * draws their ids, writes their log rows and NOTIFYs just before COMMIT
+ * (migration 007), so that a transaction that publishes holds nothing that
+ * blocks other publishers until it commits. The gateway's own publish (publishBatch) draws in a
  * one-statement transaction, which commits at once.
  */
 export const WIRE_MARK = '\x1f'
@@ -147,6 +154,13 @@ export const SCHEMA_VERSION = MIGRATIONS.length
 
 // An arbitrary constant: the key of the advisory lock that serialises migrations.
 const MIGRATION_LOCK_KEY = 0x5e5e_0001
+
+/**
+ * The key of the advisory lock a transaction takes to draw ids and holds
+ * until it ends (the wire comment above). Written, in decimal, in the
+ * migrations' append_checked; test/event-log.test.ts holds them to it.
+ */
+export const ID_LOCK_KEY = 0x5e5e_0003
 
 /**
  * Creates or upgrades the log schema. Safe to run from many instances at
@@ -334,7 +348,7 @@ function boundsOf (row: { head: string | null, pruned_through: string | null, fo
   }
 }
 
-const BOUNDS_COLUMNS = `(SELECT last_id FROM ${LOG_SCHEMA}.log_head)::text AS head,
+const BOUNDS_COLUMNS = `${LOG_SCHEMA}.log_head_id()::text AS head,
   (SELECT pruned_through FROM ${LOG_SCHEMA}.log_retention)::text AS pruned_through,
   (SELECT max(fork_id) FROM ${LOG_SCHEMA}.log_forks WHERE fork_id < $1 AND resumed_after >= $1)::text AS forked_after`
 
@@ -350,10 +364,12 @@ export interface ListenerStart extends LogBounds {
   wireKey: Buffer | undefined
 }
 
-// 42P01: undefined_table. A listener may run on a database the gateway has
-// not migrated (yet): it then has no log to read.
+// 42P01: undefined_table; 3F000: invalid_schema_name, 42883:
+// undefined_function (log_head_id). A listener may run on a database the
+// gateway has not migrated (yet): it then has no log to read.
+const MISSING_LOG = new Set(['42P01', '3F000', '42883'])
 function isMissingTable (err: unknown): boolean {
-  return (err as { code?: unknown }).code === '42P01'
+  return MISSING_LOG.has((err as { code?: unknown }).code as string)
 }
 
 /** Reads the log's bounds from `position` and the wire key, in one statement. */
@@ -425,7 +441,7 @@ export async function pruneLog (pool: pg.Pool, policy: RetentionPolicy): Promise
     const { rows: [cut] } = await client.query<{ through: string }>(
       `SELECT greatest(
          (SELECT pruned_through FROM ${LOG_SCHEMA}.log_retention),
-         (SELECT last_id FROM ${LOG_SCHEMA}.log_head) - $2,
+         ${LOG_SCHEMA}.log_head_id() - $2,
          coalesce((SELECT max(id) FROM ${LOG_SCHEMA}.events WHERE created_at < now() - make_interval(secs => $1)), 0)
        ) AS through`,
       [policy.maxAgeSeconds, policy.maxEvents]

@@ -1,6 +1,6 @@
 import pg from 'pg'
 import t from 'tap'
-import { decodeNotification, migrate, publishEvents, readEvents } from '../src/event-log.js'
+import { decodeNotification, ID_LOCK_KEY, migrate, publishEvents, readEvents } from '../src/event-log.js'
 import { connect, consecutive, createDatabase, type Inbox, listenOn, publishedWithSql, readWireKey, type Teardown, waitFor } from './helper.js'
 
 // Migration 007: a publish from SQL stages its events, and a deferred
@@ -20,10 +20,10 @@ async function pidOf (client: pg.ClientBase): Promise<number> {
   return (rows[0] as { pid: number }).pid
 }
 
-/** The locks a backend holds on the log's head: the row lock of a draw shows as a RowExclusiveLock on the table. */
+/** The locks a backend holds that block other draws: the advisory lock ID_LOCK_KEY (one bigint key: objsubid 1). */
 async function headLocks (pid: number): Promise<string[]> {
   const { rows } = await db.query<{ mode: string }>(
-    "SELECT mode FROM pg_locks WHERE pid = $1 AND granted AND relation = 'sse_gateway.log_head'::regclass", [pid])
+    "SELECT mode FROM pg_locks WHERE pid = $1 AND granted AND locktype = 'advisory' AND classid = 0 AND objid = $2 AND objsubid = 1", [pid, ID_LOCK_KEY])
   return rows.map((r) => r.mode)
 }
 
@@ -44,8 +44,15 @@ function received (inbox: Inbox, channel: string): Array<{ id: number, data: str
   })
 }
 
+/** The last id drawn (committed or not). */
 async function lastId (): Promise<number> {
-  const { rows } = await db.query<{ id: string }>('SELECT last_id::text AS id FROM sse_gateway.log_head')
+  const { rows } = await db.query<{ id: string }>("SELECT pg_sequence_last_value('sse_gateway.event_ids')::text AS id")
+  return Number(rows[0]?.id)
+}
+
+/** The head: the last committed id. */
+async function headId (): Promise<number> {
+  const { rows } = await db.query<{ id: string }>('SELECT sse_gateway.log_head_id()::text AS id')
   return Number(rows[0]?.id)
 }
 
@@ -87,7 +94,7 @@ t.test('ids follow commit order when a commit waits: the later commit draws late
   // SET CONSTRAINTS ALL IMMEDIATE makes the flush run at the end of the
   // statement, as publishing did before version 7: the lock is held to COMMIT.
   const early = await openTransaction(t, 'SET CONSTRAINTS ALL IMMEDIATE', "SELECT sse_gateway.publish('waits', 'drawn early')")
-  t.same(await headLocks(early.pid), ['RowExclusiveLock'], 'IMMEDIATE draws at once, and holds the head')
+  t.same(await headLocks(early.pid), ['ExclusiveLock'], 'IMMEDIATE draws at once, and holds the lock')
   const late = await openTransaction(t, "SELECT sse_gateway.publish('waits', 'drawn at commit')")
   const committed = late.client.query('COMMIT')
   await waitsOnLock(late.pid, 'the later commit to wait for the head')
@@ -147,7 +154,11 @@ t.test('savepoints: a flush run inside a rolled-back savepoint runs again at com
     "SELECT sse_gateway.publish('sp3', 'after the savepoint')")
   await client.query('COMMIT')
   await inbox.until(() => inbox.messages.length >= 2, 'two events')
-  t.same(received(inbox, 'sp3'), [{ id: before + 1, data: 'before the savepoint' }, { id: before + 2, data: 'after the savepoint' }], 'no gap, nothing of the savepoint')
+  const events = received(inbox, 'sp3')
+  t.same(events.map((e) => e.data), ['before the savepoint', 'after the savepoint'], 'nothing of the savepoint')
+  // The flush in the savepoint drew two ids (a sequence is not rolled
+  // back): a hole, which the flush at commit draws past.
+  t.same(events.map((e) => e.id), [before + 3, before + 4], 'drawn past the savepoint\'s draw, consecutive')
 })
 
 t.test('a publish after the flush (from a deferred trigger of the user\'s) is published by the same commit', async (t) => {
@@ -179,19 +190,54 @@ t.test('a publish from a session with session_replication_role = replica is publ
   t.equal(await stagedCount(), 0, 'nothing left staged')
 })
 
-t.test('REPEATABLE READ: a commit that would draw from a head older than its snapshot fails with 40001 and publishes nothing; the retry publishes', async (t) => {
-  // The flush updates log_head; a snapshot older than another publish's
-  // commit cannot (a serialization failure), as an UPDATE of any row would.
-  const inbox = await listenOn(t, url, 'rr')
-  const before = await lastId()
-  const { client } = await openTransaction(t, 'SET TRANSACTION ISOLATION LEVEL REPEATABLE READ', "SELECT sse_gateway.publish('rr', 'first try')")
-  const meanwhile = await publishedWithSql(db, 'rr', 'meanwhile')
-  await t.rejects(client.query('COMMIT'), { code: '40001' }, 'COMMIT fails')
-  t.equal(await lastId(), before + 1, 'only the other publish drew an id')
-  t.equal(await stagedCount(), 0, 'nothing left staged')
-  await client.query("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT sse_gateway.publish('rr', 'retried'); COMMIT")
+for (const level of ['REPEATABLE READ', 'SERIALIZABLE']) {
+  t.test(`${level}: a commit succeeds though another publish committed after its snapshot, and its event gets the next id`, async (t) => {
+    // Drawing reads no row through the snapshot and updates none: the
+    // advisory lock and the sequence are outside MVCC.
+    const channel = level === 'SERIALIZABLE' ? 'ser' : 'rr'
+    const inbox = await listenOn(t, url, channel)
+    await db.query(`CREATE TABLE ${channel}_captured (id int PRIMARY KEY, note text)`)
+    await db.query(`SELECT sse_gateway.capture_changes('${channel}_captured', '${channel}')`)
+    t.teardown(() => db.query(`DROP TABLE ${channel}_captured`))
+    const { client } = await openTransaction(t, `SET TRANSACTION ISOLATION LEVEL ${level}`,
+      // The snapshot is taken here, by the first statement.
+      `SELECT count(*) FROM ${channel}_captured`,
+      `SELECT sse_gateway.publish('${channel}', 'published')`,
+      `INSERT INTO ${channel}_captured VALUES (1, 'captured')`)
+    const meanwhile = await publishedWithSql(db, channel, 'meanwhile')
+    const { rows: [seen] } = await client.query<{ n: number }>('SELECT count(*)::int AS n FROM sse_gateway.events WHERE id = $1', [meanwhile])
+    t.equal(seen?.n, 0, 'the other publish committed after the snapshot')
+    await client.query('COMMIT')
+    const { rows: [drawn] } = await client.query<{ ids: string[] }>('SELECT sse_gateway.published_ids()::text[] AS ids')
+    await inbox.until(() => inbox.messages.length >= 3, 'three events')
+    const events = received(inbox, channel)
+    t.same(events.map((e) => e.id), [Number(meanwhile), Number(meanwhile) + 1, Number(meanwhile) + 2], 'delivered in commit order, with the next ids')
+    t.same(events.map((e) => e.data?.startsWith('{') === true ? JSON.parse(e.data).op : e.data), ['meanwhile', 'published', 'INSERT'])
+    t.same(drawn?.ids, [String(Number(meanwhile) + 1), String(Number(meanwhile) + 2)], 'published_ids() names them')
+    t.equal(await stagedCount(), 0, 'nothing left staged')
+    const rows = await readEvents(db, drawn?.ids ?? [])
+    t.equal(rows.length, 2, 'the log holds them')
+  })
+}
+
+t.test('a commit that fails after drawing leaves a hole: the next commit draws past it, and the head is the last committed id', async (t) => {
+  const inbox = await listenOn(t, url, 'hole')
+  await db.query(`
+    CREATE TABLE hole_work (id int);
+    CREATE FUNCTION hole_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'refused after the flush'; END $$;
+    CREATE CONSTRAINT TRIGGER hole_refuse AFTER INSERT ON hole_work DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION hole_refuse();
+  `)
+  t.teardown(() => db.query('DROP TABLE hole_work; DROP FUNCTION hole_refuse()'))
+  const committed = await publishedWithSql(db, 'hole', 'before')
+  // The flush was queued first, so it runs first at COMMIT; the trigger after it fails the commit.
+  const { client } = await openTransaction(t, "SELECT sse_gateway.publish('hole', 'never')", 'INSERT INTO hole_work VALUES (1)')
+  await t.rejects(client.query('COMMIT'), { message: /refused after the flush/ })
+  t.equal(await lastId(), Number(committed) + 1, 'the failed commit drew an id')
+  t.equal(await headId(), Number(committed), 'the head is the last committed id')
+  const after = await publishedWithSql(db, 'hole', 'after')
+  t.equal(Number(after), Number(committed) + 2, 'the next commit draws past the hole')
   await inbox.until(() => inbox.messages.length >= 2, 'two events')
-  t.same(received(inbox, 'rr'), [{ id: Number(meanwhile), data: 'meanwhile' }, { id: Number(meanwhile) + 1, data: 'retried' }])
+  t.same(received(inbox, 'hole').map((e) => e.data), ['before', 'after'], 'nothing of the failed commit is delivered')
 })
 
 t.test('a publish checks its arguments at once, not at commit', async (t) => {
@@ -201,13 +247,13 @@ t.test('a publish checks its arguments at once, not at commit', async (t) => {
 })
 
 t.test('PREPARE TRANSACTION of a publishing transaction fails and publishes nothing', async (t) => {
-  const before = await lastId()
+  const head = await headId()
   const { client } = await openTransaction(t, "SELECT sse_gateway.publish('twophase', 'never')")
   // Refused either way: a NOTIFYing transaction cannot be prepared, nor
   // any when max_prepared_transactions is 0.
   await t.rejects(client.query("PREPARE TRANSACTION 'pgsse_publish'"), { code: /^(0A000|55000)$/ })
   await client.query('ROLLBACK').catch(() => {})
-  t.equal(await lastId(), before, 'no id drawn')
+  t.equal(await headId(), head, 'nothing published: the head did not move (the flush, run by PREPARE, may have drawn an id: a hole)')
   t.equal(await stagedCount(), 0, 'nothing left staged')
 })
 
@@ -234,7 +280,7 @@ t.test('concurrent publishing transactions: ids in delivery order are consecutiv
   }))
   await inbox.until(() => inbox.messages.length >= expected, `${expected} events`)
   const events = received(inbox, 'many')
-  t.same(events.map((e) => e.id), Array.from({ length: expected }, (_, i) => before + 1 + i), 'delivered in id order, no gap: a client resuming after any id misses no later commit')
+  t.same(events.map((e) => e.id), Array.from({ length: expected }, (_, i) => before + 1 + i), 'delivered in id order, no gap (no commit failed): a client resuming after any id misses no later commit')
   const byId = new Map(events.map((e) => [String(e.id), e.data]))
   for (const ids of drawn) {
     const data = ids.map((id) => byId.get(id) as string)

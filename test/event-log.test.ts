@@ -2,7 +2,7 @@ import pg from 'pg'
 import t from 'tap'
 import { MAX_EVENT_ID } from '../src/event-id.js'
 import { INLINE_PAYLOAD_BYTES, SCHEMA_VERSION, decodeNotification, encodeNotification, migrate, publishEvents, readEvents } from '../src/event-log.js'
-import { connect, consecutive, createDatabase, listenOn, publishedWithSql, readWireKey, type Teardown } from './helper.js'
+import { connect, consecutive, createDatabase, holdIdLock, listenOn, publishedWithSql, readWireKey, setLastDrawnId, type Teardown, waitFor } from './helper.js'
 
 function poolFor (t: Teardown, url: string): pg.Pool {
   const pool = new pg.Pool({ connectionString: url, max: 4 })
@@ -20,8 +20,9 @@ async function publishedIds (client: pg.ClientBase): Promise<string[]> {
   return (rows[0] as { ids: string[] }).ids
 }
 
+/** The last id drawn, committed or not. */
 async function lastId (client: pg.ClientBase): Promise<bigint> {
-  const { rows } = await client.query<{ id: string }>('SELECT last_id::text AS id FROM sse_gateway.log_head')
+  const { rows } = await client.query<{ id: string }>("SELECT pg_sequence_last_value('sse_gateway.event_ids')::text AS id")
   return BigInt((rows[0] as { id: string }).id)
 }
 
@@ -255,9 +256,27 @@ t.test('the log draws no id past MAX_EVENT_ID, the largest every reader takes', 
   const url = await createDatabase(t)
   const db = await connect(t, url)
   await migrate(db)
-  await db.query('UPDATE sse_gateway.log_head SET last_id = $1', [MAX_EVENT_ID - 1])
+  await setLastDrawnId(db, MAX_EVENT_ID - 2)
+  await t.rejects(db.query("BEGIN; SELECT sse_gateway.publish_batch(ARRAY['edge', 'edge', 'edge'], ARRAY['1', '2', '3']); COMMIT"), { code: '23514' }, 'a batch that would go past it is refused whole (check_violation)')
+  await db.query('ROLLBACK')
+  t.equal(await publishSql(db, 'edge', 'next to last'), String(MAX_EVENT_ID - 1))
   t.equal(await publishSql(db, 'edge', 'last'), String(MAX_EVENT_ID), 'the largest id is drawn')
   await t.rejects(publishSql(db, 'edge', 'one more'), { code: '23514' }, 'the next is refused (check_violation)')
+  const pool = new pg.Pool({ connectionString: url, max: 1 })
+  t.teardown(() => pool.end())
+  await t.rejects(publishEvents(pool, [{ channel: 'edge', payload: 'through the gateway' }]), { code: '23514' }, 'the gateway\'s publish too')
+})
+
+t.test('the lock every draw takes is ID_LOCK_KEY', async (t) => {
+  const holder = await connect(t, url)
+  await holdIdLock(holder)
+  const waiting = publishEvents(pool, [{ channel: 'lock', payload: 'waits' }])
+  await waitFor(async () => {
+    const { rows } = await db.query("SELECT FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'advisory'")
+    return rows.length > 0
+  }, 'the publish to wait on the advisory lock')
+  await holder.query('COMMIT')
+  t.equal((await waiting).ids.length, 1, 'and publishes once it is free')
 })
 
 t.test('two identical events in one batch are two notifications', async (t) => {

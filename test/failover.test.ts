@@ -36,7 +36,7 @@ async function logAfter (clusters: ReplicatedClusters, cluster: 'primary' | 'rep
 
 /** The id of the last event in a cluster's log. */
 async function logHead (clusters: ReplicatedClusters, cluster: 'primary' | 'replica'): Promise<number> {
-  const [row] = await clusters.query<{ id: string }>(clusters[cluster], 'SELECT last_id::text AS id FROM sse_gateway.log_head')
+  const [row] = await clusters.query<{ id: string }>(clusters[cluster], 'SELECT sse_gateway.log_head_id()::text AS id')
   return Number(row?.id)
 }
 

@@ -2,7 +2,7 @@ import pg from 'pg'
 import t from 'tap'
 import { decodeNotification, migrate } from '../src/event-log.js'
 import { GroupPublisher, nothingPublished, PublishNotSentError } from '../src/group-publisher.js'
-import { connect, consecutive, createDatabase, listenOn, readWireKey, refuseAtCommit, type Test, waitFor, within } from './helper.js'
+import { connect, consecutive, createDatabase, holdIdLock, listenOn, readWireKey, refuseAtCommit, type Test, waitFor, within } from './helper.js'
 import { startProxy } from './tcp-proxy.js'
 
 const url = await createDatabase(t)
@@ -119,8 +119,7 @@ t.test('a group that fails for another reason fails whole and is not retried', a
   // not the events' fault, so no publish of the group is tried again.
   const publisher = new GroupPublisher(poolFor(t, { statement_timeout: 300 }), LIMITS)
   const blocker = await connect(t, url)
-  await blocker.query('BEGIN')
-  await blocker.query('SELECT * FROM sse_gateway.log_head FOR UPDATE')
+  await holdIdLock(blocker)
   const before = (await db.query<{ n: string }>('SELECT count(*)::text AS n FROM sse_gateway.events')).rows[0]?.n
 
   const results = await within(Promise.allSettled([
@@ -139,8 +138,7 @@ t.test('a group that fails for another reason fails whole and is not retried', a
 t.test('a publish that waits longer than maxWaitMs for its group fails, never sent', async (t) => {
   const publisher = new GroupPublisher(poolFor(t), { ...LIMITS, maxWaitMs: 200 })
   const blocker = await connect(t, url)
-  await blocker.query('BEGIN')
-  await blocker.query('SELECT * FROM sse_gateway.log_head FOR UPDATE')
+  await holdIdLock(blocker)
   const first = publisher.publish(events('stalled', 'first')) // sent, waits for the lock
   const queued = publisher.publish(events('stalled', 'queued')) // waits behind it
   await t.rejects(within(queued, 'the queued publish to fail', 5000), { name: 'PublishQueueTimeoutError', code: 'GW_PUBLISH_QUEUE_TIMEOUT' })
@@ -200,8 +198,7 @@ t.test('the publisher is stalled while a group waits longer than stalledAfterMs,
   const publisher = new GroupPublisher(poolFor(t), { ...LIMITS, stalledAfterMs: 100 })
   t.teardown(() => publisher.close())
   const blocker = await connect(t, url)
-  await blocker.query('BEGIN')
-  await blocker.query('SELECT * FROM sse_gateway.log_head FOR UPDATE')
+  await holdIdLock(blocker)
   t.notOk(publisher.stalled)
   const waiting = publisher.publish(events('stalled-flag', 'x'))
   await waitFor(() => publisher.stalled, 'the publisher to be stalled')
@@ -213,8 +210,7 @@ t.test('the publisher is stalled while a group waits longer than stalledAfterMs,
 t.test('an idempotent publish goes alone, publishes once, and drain waits for it', async (t) => {
   const publisher = new GroupPublisher(poolFor(t), LIMITS)
   const blocker = await connect(t, url)
-  await blocker.query('BEGIN')
-  await blocker.query('SELECT * FROM sse_gateway.log_head FOR UPDATE')
+  await holdIdLock(blocker)
   const idempotency = { key: 'alone', requestHash: 'first' }
   let answered = false
   const first = publisher.publishIdempotent(events('alone', 'once'), idempotency).then((result) => { answered = true; return result })

@@ -5,6 +5,7 @@ import type { FastifyInstance } from 'fastify'
 import pg from 'pg'
 import { build } from '../src/app.js'
 import { loadConfig } from '../src/config.js'
+import { ID_LOCK_KEY } from '../src/event-log.js'
 import type { GatewayClaims } from '../src/plugins/auth.js'
 
 // The test runner (test/run.ts) sets DATABASE_URL, to the local server or an
@@ -90,6 +91,30 @@ export async function connect (t: Teardown, connectionString: string): Promise<p
   await client.connect()
   t.teardown(() => client.end())
   return client
+}
+
+/**
+ * Opens a transaction on `db` that holds the lock every draw of ids takes
+ * (ID_LOCK_KEY): publishes wait on it (pg_stat_activity shows a Lock wait)
+ * until `db` commits or rolls back.
+ */
+export async function holdIdLock (db: pg.ClientBase): Promise<void> {
+  await db.query('BEGIN')
+  await db.query('SELECT pg_advisory_xact_lock($1)', [ID_LOCK_KEY])
+}
+
+/** The head of the log: the last committed id, as text. */
+export async function logHeadId (db: pg.ClientBase): Promise<string> {
+  const { rows } = await db.query<{ id: string }>('SELECT sse_gateway.log_head_id()::text AS id')
+  return (rows[0] as { id: string }).id
+}
+
+/**
+ * Moves the log's next id: the next draw is `last + 1` (tests only; the
+ * sequence is not rolled back with a transaction).
+ */
+export async function setLastDrawnId (db: pg.ClientBase, last: number | string): Promise<void> {
+  await db.query("SELECT setval('sse_gateway.event_ids', $1)", [last])
 }
 
 /**

@@ -5,7 +5,7 @@
 import type pg from 'pg'
 import t from 'tap'
 import { startProxy } from './tcp-proxy.js'
-import { connect, createDatabase, errorBody, openStream, poolWaitingOnLock, publish, published, readyStatus, startGateway, streamUrl, subscriber, type TestGateway, waitFor, waitForData, within } from './helper.js'
+import { connect, createDatabase, errorBody, holdIdLock, openStream, poolWaitingOnLock, publish, published, readyStatus, startGateway, streamUrl, subscriber, type TestGateway, waitFor, waitForData, within } from './helper.js'
 
 async function logged (db: pg.Client, payload: string): Promise<number> {
   const { rows } = await db.query<{ n: number }>('SELECT count(*)::int AS n FROM sse_gateway.events WHERE payload = $1', [payload])
@@ -45,8 +45,7 @@ t.test('a publish on a connection gone silent fails within PG_QUERY_TIMEOUT_MS, 
   // The log's lock, held: the next publish waits in the database, so its
   // connection can be found and frozen while the statement is in flight.
   const blocker = await connect(t, database)
-  await blocker.query('BEGIN')
-  await blocker.query('SELECT * FROM sse_gateway.log_head FOR UPDATE')
+  await holdIdLock(blocker)
   let settled = false
   const inDoubt = publish(gateway, 'orders', 'in doubt').finally(() => { settled = true })
   const [waiting] = await poolWaitingOnLock(db)
@@ -115,8 +114,7 @@ t.test('a pool connection that dies while out of the pool, mid-transaction, fail
   const db = await connect(t, gateway.databaseUrl)
   // The log's lock, held: the publish with a key waits inside its transaction.
   const blocker = await connect(t, gateway.databaseUrl)
-  await blocker.query('BEGIN')
-  await blocker.query('SELECT * FROM sse_gateway.log_head FOR UPDATE')
+  await holdIdLock(blocker)
   const killed = publishWithKey(gateway, 'orders', 'killed', 'k3')
   const [waiting] = await poolWaitingOnLock(db)
   await db.query('SELECT pg_terminate_backend($1)', [waiting?.pid])
@@ -134,8 +132,7 @@ t.test('a publish with an Idempotency-Key on a connection gone silent fails too,
   const gateway = await startGateway(t, { PG_QUERY_TIMEOUT_MS: String(QUERY_TIMEOUT_MS) }, url)
   const db = await connect(t, database)
   const blocker = await connect(t, database)
-  await blocker.query('BEGIN')
-  await blocker.query('SELECT * FROM sse_gateway.log_head FOR UPDATE')
+  await holdIdLock(blocker)
   const inDoubt = publishWithKey(gateway, 'orders', 'keyed', 'k4')
   const [waiting] = await poolWaitingOnLock(db)
   proxy.freezeByUpstreamPort(waiting?.clientPort as number)

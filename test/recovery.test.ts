@@ -10,7 +10,7 @@ import { type EmbeddedDatabase, startEmbeddedPostgres } from '../src/embedded-po
 import { FORK_ID_GAP, pruneLog } from '../src/event-log.js'
 import { type ConnectedInfo, LISTENER_APPLICATION_NAME, type ListenerConnection } from '../src/listener.js'
 import { startProxy } from './tcp-proxy.js'
-import { connect, createDatabase, openStream, published, publishedWithSql, type ReceivedEvent, readyStatus, startGateway, type StreamClient, streamUrl, subscriber, type Test, type TestGateway, waitFor, waitForData, within } from './helper.js'
+import { connect, createDatabase, openStream, published, publishedWithSql, type ReceivedEvent, readyStatus, setLastDrawnId, startGateway, type StreamClient, streamUrl, subscriber, type Test, type TestGateway, waitFor, waitForData, within } from './helper.js'
 
 /** Publishes with SQL on `db`, bypassing the gateway; returns the id. */
 async function publishSql (db: pg.Client, channel: string, payload: string): Promise<string> {
@@ -245,7 +245,7 @@ t.test('a listener outage longer than retention: streams are told exactly what w
 // clusters): the last events are gone and the head is back before them.
 async function loseEventsAfter (db: pg.Client, id: string): Promise<void> {
   await db.query('DELETE FROM sse_gateway.events WHERE id > $1', [id])
-  await db.query('UPDATE sse_gateway.log_head SET last_id = $1', [id])
+  await setLastDrawnId(db, id)
 }
 
 t.test('a log that lost events the listener delivered: streams are told, rewound, and get the reissued ids', async (t) => {
@@ -278,7 +278,7 @@ t.test('a fork recorded by the log: a running stream and a client resuming with 
   await loseEventsAfter(db, kept)
   // The next publish finds the log on another timeline than its last one,
   // as after a promotion, and leaves a hole over the ids the old one drew.
-  await db.query('UPDATE sse_gateway.log_head SET timeline = -1')
+  await db.query("SELECT setval('sse_gateway.log_timeline', 0)")
   const after = await publishSql(db, 'orders', 'after')
   const { rows: forks } = await db.query<{ fork_id: string, resumed_after: string }>('SELECT fork_id::text, resumed_after::text FROM sse_gateway.log_forks')
   t.same(forks, [{ fork_id: kept, resumed_after: String(Number(kept) + FORK_ID_GAP) }], 'the fork is recorded')

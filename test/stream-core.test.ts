@@ -97,7 +97,7 @@ t.test('a resuming stream: the replay, then the held live events, with no gap an
 t.test('a resume id the log no longer holds, or never held, is told as missed', async (t) => {
   const ids = await publish('pruned', 'a', 'b', 'c')
   await pruneLog(pool, { maxAgeSeconds: 86_400, maxEvents: 1, idempotencyWindowSeconds: 60 })
-  const { rows } = await db.query<{ through: string, head: string }>('SELECT pruned_through::text AS through, (SELECT last_id::text FROM sse_gateway.log_head) AS head FROM sse_gateway.log_retention')
+  const { rows } = await db.query<{ through: string, head: string }>('SELECT pruned_through::text AS through, sse_gateway.log_head_id()::text AS head FROM sse_gateway.log_retention')
   const through = rows[0]?.through as string
   const old = await stream({ channels: ['pruned'], resumeFrom: Number(ids[0]) - 1 })
   await core.begin(old.prepared, open(old.writer))

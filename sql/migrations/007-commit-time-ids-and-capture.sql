@@ -5,12 +5,54 @@
 -- published and then worked for 10 s held every other publisher for 10 s.
 -- Now a publish from SQL only stages its events, in pending_events, and a
 -- deferred constraint trigger (flush_pending) draws the ids, writes the log
--- rows and NOTIFYs just before COMMIT: log_head is locked from there to the
--- end of the commit, which PostgreSQL already serialises for every
--- transaction that NOTIFYs. Ids still follow commit order (a transaction
--- that draws later commits later), with no gaps. The wire and the log rows
--- are those of version 6: the flush and the gateway's own publish go
--- through the same append_checked.
+-- rows and NOTIFYs just before COMMIT. The wire and the log rows are those
+-- of version 6: the flush and the gateway's own publish go through the same
+-- append_checked.
+--
+-- And ids are drawn without updating any row: under REPEATABLE READ or
+-- SERIALIZABLE, an UPDATE of log_head failed the COMMIT with 40001 whenever
+-- another publish had committed since the snapshot. A draw takes the
+-- advisory lock ID_LOCK_KEY (src/event-log.ts) until its transaction ends,
+-- and moves the sequence event_ids; neither a lock nor a sequence reads
+-- through the snapshot, and neither ever fails serialization. PostgreSQL
+-- releases a transaction's locks after it became visible to others, so a
+-- transaction that draws later commits later: ids follow commit order, as
+-- before. A transaction that aborts after drawing (a serialization failure
+-- at COMMIT, checked after the deferred triggers) leaves a hole: ids never
+-- go backwards, but they may skip.
+
+-- The last id drawn. setval marks it called: the next draw is head + 1,
+-- from 1 on an empty log.
+CREATE SEQUENCE sse_gateway.event_ids AS bigint MINVALUE 0 MAXVALUE 9007199254740991 NO CYCLE;
+SELECT setval('sse_gateway.event_ids', (SELECT last_id FROM sse_gateway.log_head));
+REVOKE ALL ON SEQUENCE sse_gateway.event_ids FROM PUBLIC;
+
+-- The WAL timeline of the last draw (0: unknown), which tells a fork; a
+-- sequence for the same reason, and so that a draw whose snapshot predates
+-- the first draw on a new timeline does not take the fork again.
+CREATE SEQUENCE sse_gateway.log_timeline AS integer MINVALUE 0 NO CYCLE;
+SELECT setval('sse_gateway.log_timeline', coalesce((SELECT timeline FROM sse_gateway.log_head), 0));
+REVOKE ALL ON SEQUENCE sse_gateway.log_timeline FROM PUBLIC;
+
+-- log_head is no longer updated: it keeps the head of version 6, a floor
+-- under the head readers compute (src/event-log.ts, BOUNDS_COLUMNS: the
+-- largest of the last committed event, the retention's cut and this).
+COMMENT ON TABLE sse_gateway.log_head IS 'The head at schema version 6; no longer updated: ids come from sse_gateway.event_ids';
+
+-- The head: every id at or below it is committed (or was drawn by a
+-- transaction that aborted), since a draw waits for every earlier one to
+-- be visible.
+CREATE FUNCTION sse_gateway.log_head_id()
+RETURNS bigint
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+  SELECT greatest(
+    coalesce((SELECT max(id) FROM sse_gateway.events), 0),
+    (SELECT pruned_through FROM sse_gateway.log_retention),
+    (SELECT last_id FROM sse_gateway.log_head))
+$fn$;
 
 -- What the SQL side needs of the gateway's settings: the largest payload a
 -- captured row may make (MAX_PAYLOAD_BYTES), written by the gateway at
@@ -39,9 +81,11 @@ REVOKE ALL ON sse_gateway.pending_events FROM PUBLIC;
 
 -- Draws ids for events already checked, writes their log rows and NOTIFYs
 -- them (the wire of version 6, src/event-log.ts); returns the first id.
--- The row lock of log_head is held until the transaction ends: callers draw
--- at commit (the flush) or in a transaction that commits at once (the
--- gateway's publish_batch_now). Records the ids for published_ids().
+-- The advisory lock ID_LOCK_KEY is held until the transaction ends:
+-- callers draw at commit (the flush) or in a transaction that commits at
+-- once (the gateway's publish_batch_now). Records the ids for
+-- published_ids(). SQLSTATE 23514 past MAX_EVENT_ID (2^53 - 1), as the
+-- CHECK on log_head raised until version 6.
 CREATE FUNCTION sse_gateway.append_checked(channels text[], payloads text[])
 RETURNS bigint
 LANGUAGE plpgsql
@@ -51,19 +95,36 @@ AS $fn$
 DECLARE
   n integer := cardinality(channels);
   first_id bigint;
-  head_timeline integer;
+  fork_id bigint;
   wal_timeline integer := sse_gateway.current_timeline();
 BEGIN
-  UPDATE sse_gateway.log_head SET last_id = last_id + n
-  RETURNING last_id - n + 1, log_head.timeline INTO first_id, head_timeline;
-  IF head_timeline IS DISTINCT FROM wal_timeline THEN
-    -- First publish on a new timeline: leave a hole over every id the
-    -- old one may have drawn after what reached this server.
-    UPDATE sse_gateway.log_head SET last_id = last_id + 1000000000000, timeline = wal_timeline;
-    INSERT INTO sse_gateway.log_forks (fork_id, resumed_after, timeline)
-    VALUES (first_id - 1, first_id - 1 + 1000000000000, wal_timeline);
-    first_id := first_id + 1000000000000;
+  -- 1583218691 is ID_LOCK_KEY, 0x5e5e0003. Under it nobody else draws, so
+  -- the sequence's last value is the last id drawn, and setval reserves a
+  -- block.
+  PERFORM pg_advisory_xact_lock(1583218691);
+  IF pg_sequence_last_value('sse_gateway.event_ids') IS NULL THEN
+    RAISE EXCEPTION 'sse_gateway.event_ids was reset: set it to the head' USING ERRCODE = '55000';
   END IF;
+  IF coalesce(pg_sequence_last_value('sse_gateway.log_timeline'), 0) IS DISTINCT FROM wal_timeline THEN
+    -- First draw on a new timeline: leave a hole over every id the old
+    -- one may have drawn after what reached this server. On a new
+    -- timeline nothing was committed since the promotion (this is its
+    -- first draw), so any snapshot sees the last event kept. The
+    -- sequences are not rolled back: should this transaction abort, the
+    -- jump stays but its log_forks row goes, and whoever holds an id the
+    -- old timeline lost may then not be told (gateway/missed) what was
+    -- lost. Rare: the first draw after a promotion, aborted after it.
+    fork_id := sse_gateway.log_head_id();
+    first_id := greatest(pg_sequence_last_value('sse_gateway.event_ids'), fork_id) + 1000000000000;
+    PERFORM setval('sse_gateway.event_ids', first_id);
+    PERFORM setval('sse_gateway.log_timeline', wal_timeline);
+    INSERT INTO sse_gateway.log_forks (fork_id, resumed_after, timeline) VALUES (fork_id, first_id, wal_timeline);
+  END IF;
+  first_id := pg_sequence_last_value('sse_gateway.event_ids') + 1;
+  IF first_id + n - 1 > 9007199254740991 THEN
+    RAISE EXCEPTION 'the log has no id left for % events: ids end at 9007199254740991', n USING ERRCODE = '23514';
+  END IF;
+  PERFORM setval('sse_gateway.event_ids', first_id + n - 1);
 
   INSERT INTO sse_gateway.events (id, channel, payload)
   SELECT first_id + k - 1, c, p FROM unnest(channels, payloads) WITH ORDINALITY AS e(c, p, k);
@@ -79,7 +140,7 @@ BEGIN
   ORDER BY w.k;
 
   -- A transaction that flushes twice (a publish after the first flush)
-  -- draws consecutive ids: it holds log_head from the first draw on.
+  -- draws consecutive ids: it holds the lock from the first draw on.
   PERFORM set_config('sse_gateway.xact_first_id', coalesce(nullif(current_setting('sse_gateway.xact_first_id', true), ''), first_id::text), true);
   PERFORM set_config('sse_gateway.published_ids', current_setting('sse_gateway.xact_first_id') || '-' || (first_id + n - 1), false);
   RETURN first_id;

@@ -146,7 +146,7 @@ function findToken (request: FastifyRequest, cookieName: string): FoundToken | u
  * allowed origin (or of the gateway itself), or it is cross-site request
  * forgery. Browsers send Origin on every POST, and a page cannot forge it.
  */
-function originAllowed (request: FastifyRequest, trusted: ReadonlySet<string>): boolean {
+export function originAllowed (request: FastifyRequest, trusted: ReadonlySet<string>): boolean {
   const origin = request.headers.origin
   if (origin === undefined || origin === 'null') return false
   if (trusted.has(origin)) return true

@@ -66,9 +66,10 @@ const LISTENER_DOWN = 'the gateway cannot listen to the database right now; retr
  * and ends; EventSource reconnects after the advised delay. Other clients
  * (curl, fetch without that Accept) get the error itself, 429 or 503. Both
  * carry `Retry-After` in seconds. A refusal that will not change (400, 401,
- * 403) is thrown as it is.
+ * 403) is thrown as it is. `say` words the why (another protocol, such as
+ * Mercure, says it without a `gateway/*` event).
  */
-function retryLater (request: FastifyRequest, reply: FastifyReply, err: FastifyError, retryMs: number): FastifyReply {
+export function retryLater (request: FastifyRequest, reply: FastifyReply, err: FastifyError, retryMs: number, say: (refusal: { status: number, reason: string, retry: number }) => string = sayUnavailable): FastifyReply {
   const statusCode = err.statusCode ?? 500
   if (statusCode < 500 && statusCode !== 429) throw err
   const retry = jittered(2 * retryMs)
@@ -84,17 +85,19 @@ function retryLater (request: FastifyRequest, reply: FastifyReply, err: FastifyE
     ...API_SECURITY_HEADERS,
     'content-type': EVENT_STREAM_HEADERS['content-type'],
     'cache-control': 'no-cache'
-  }).send(encodeRetry(retry) + encodeEvent({
-    event: GATEWAY_EVENTS.unavailable,
-    data: JSON.stringify({ status: statusCode, reason: named ? err.message : 'Internal Server Error', retry })
-  }))
+  }).send(encodeRetry(retry) + say({ status: statusCode, reason: named ? err.message : 'Internal Server Error', retry }))
+}
+
+function sayUnavailable (refusal: { status: number, reason: string, retry: number }): string {
+  return encodeEvent({ event: GATEWAY_EVENTS.unavailable, data: JSON.stringify(refusal) })
 }
 
 // Connections whose current request is a stream's (being set up, or live),
 // with that request.
 const streamConnections = new WeakMap<Socket, IncomingMessage>()
 
-function unmarkStreamConnection (request: IncomingMessage): void {
+/** Frees a stream's connection once its response closed (the stream routes' 'close' handlers). */
+export function unmarkStreamConnection (request: IncomingMessage): void {
   if (streamConnections.get(request.socket) === request) streamConnections.delete(request.socket)
 }
 
@@ -108,13 +111,13 @@ function unmarkStreamConnection (request: IncomingMessage): void {
  * pipelined in one packet all arrive in the same turn, and only the first
  * hook of each runs before the next request arrives.
  */
-export function guardStreamConnections (app: FastifyInstance): void {
+export function guardStreamConnections (app: FastifyInstance, streamRoutes: ReadonlySet<string> = new Set(['/events'])): void {
   app.addHook('onRequest', (request, reply, done) => {
     const connection = request.raw.socket
     if (streamConnections.has(connection)) {
       connection.destroy()
       reply.hijack()
-    } else if (request.method === 'GET' && request.routeOptions.url === '/events' && reply.raw.socket !== null) {
+    } else if (request.method === 'GET' && streamRoutes.has(request.routeOptions.url ?? '') && reply.raw.socket !== null) {
       streamConnections.set(connection, request.raw)
     }
     done()
@@ -135,12 +138,18 @@ export function guardStreamConnections (app: FastifyInstance): void {
 export interface StreamOpening extends Omit<StreamRequest, 'expiresAt' | 'channels'> {
   channels: string[]
   /**
-   * Checks the client's credential for these channels, once its slot is
-   * counted; resolves with when it expires (epoch seconds), if it does.
+   * Checks the client's credential (and reads what else the stream needs
+   * from the database), once its slot is counted: resolves with when the
+   * credential expires (epoch seconds), and the resume id if it is known
+   * only now.
    */
-  authorize: () => Promise<number | undefined>
-  /** Response headers beside EVENT_STREAM_HEADERS and the reply's own. */
-  headers?: OutgoingHttpHeaders
+  authorize: () => Promise<{ expiresAt: number | undefined, resumeFrom?: EventId }>
+  /** Response headers over EVENT_STREAM_HEADERS and the reply's own, from where the stream starts. */
+  headers?: (prepared: PreparedStream) => OutgoingHttpHeaders
+  /** Just before the stream begins; what it returns is called once its connection closes. */
+  begins?: () => (() => void) | undefined
+  /** The words of a refusal that EventSource retries (retryLater's `say`). */
+  sayRefusal?: (refusal: { status: number, reason: string, retry: number }) => string
 }
 
 /**
@@ -151,6 +160,8 @@ class StreamHold implements StreamOwner {
   closed = false
   releaseSlot: (() => void) | undefined
   prepared: PreparedStream | undefined
+  /** The route's own, from StreamOpening.begins. */
+  onClose: (() => void) | undefined
   readonly #app: FastifyInstance
   readonly #channels: readonly string[]
 
@@ -164,6 +175,7 @@ class StreamHold implements StreamOwner {
     this.closed = true
     this.releaseSlot?.()
     if (this.prepared !== undefined) this.#app.streamCore.close(this.prepared)
+    this.onClose?.()
   }
 
   streamCutOff (droppedFrames: number): void {
@@ -192,7 +204,7 @@ export interface StreamSettings {
  * reached. For any route that opens event streams.
  */
 export async function serveStream (app: FastifyInstance, request: FastifyRequest, reply: FastifyReply, opening: StreamOpening, settings: StreamSettings): Promise<FastifyReply> {
-  const { authorize, headers: extraHeaders, ...streamRequest } = opening
+  const { authorize, headers: routeHeaders, begins, sayRefusal, ...streamRequest } = opening
   const { channels } = opening
   // The client left before its request got here: nothing to take.
   if (reply.raw.destroyed) return reply.hijack()
@@ -205,15 +217,15 @@ export async function serveStream (app: FastifyInstance, request: FastifyRequest
     // Checked before the token too, so that a ticket is not spent on a
     // stream that cannot be opened now.
     if (app.listener.state === 'disconnected' || app.listener.state === 'closed') throw new UnavailableError(LISTENER_DOWN)
-    const expiresAt = await authorize()
+    const authorized = await authorize()
     if (hold.closed) return reply.hijack()
     try {
-      hold.prepared = await app.streamCore.prepare(stream, { ...streamRequest, expiresAt })
+      hold.prepared = await app.streamCore.prepare(stream, { ...streamRequest, ...authorized })
     } catch (err) {
       throw err instanceof StreamUnavailableError ? new UnavailableError(err.message) : err
     }
   } catch (err) {
-    return retryLater(request, reply, err as FastifyError, settings.retryMs)
+    return retryLater(request, reply, err as FastifyError, settings.retryMs, sayRefusal)
   }
   const prepared = hold.prepared
   // The response closed meanwhile (its 'close' released what was taken),
@@ -226,7 +238,8 @@ export async function serveStream (app: FastifyInstance, request: FastifyRequest
   // The stream begins only now, with its channels LISTENed: an event
   // committed after the client sees the response is never missed.
   reply.hijack()
-  const headers = { ...reply.getHeaders() as OutgoingHttpHeaders, ...extraHeaders, ...EVENT_STREAM_HEADERS }
+  const headers = { ...reply.getHeaders() as OutgoingHttpHeaders, ...EVENT_STREAM_HEADERS, ...routeHeaders?.(prepared) }
+  hold.onClose = begins?.()
   try {
     await app.streamCore.begin(prepared, (preamble) => {
       stream.open(headers, preamble)
@@ -288,7 +301,7 @@ export default async function eventsRoutes (app: FastifyInstance, options: Event
       channels,
       resumeFrom,
       selector,
-      authorize: async () => (await app.authorize(request, 'subscribe', channels))?.exp
+      authorize: async () => ({ expiresAt: (await app.authorize(request, 'subscribe', channels))?.exp })
     }, streamSettings)
   })
 

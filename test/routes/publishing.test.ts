@@ -2,7 +2,7 @@
 // a 503 with nothing published when COMMIT fails, and an Idempotency-Key
 // that makes a retry publish nothing twice.
 import t from 'tap'
-import { connect, errorBody, openStream, poolWaitingOnLock, publish, refuseAtCommit, type ReceivedEvent, startGateway, type StreamClient, streamUrl, subscriber, type Test, type TestGateway, within } from '../helper.js'
+import { connect, errorBody, holdIdLock, openStream, poolWaitingOnLock, publish, type ReceivedEvent, refuseAtCommit, startGateway, type StreamClient, streamUrl, subscriber, type Test, type TestGateway, within } from '../helper.js'
 
 async function listen (t: Test, gateway: TestGateway, channel: string): Promise<StreamClient> {
   return await openStream(t, streamUrl(gateway.baseUrl, [channel]), subscriber(gateway))
@@ -135,9 +135,8 @@ t.test('pool connections killed while idle: the process stays up and the next pu
 t.test('a publish whose connection is ended mid-statement answers 503 saying the outcome is unknown', async (t) => {
   const gateway = await startGateway(t)
   const db = await connect(t, gateway.databaseUrl)
-  // Holding log_head's row lock keeps the publish in the database.
-  await db.query('BEGIN')
-  await db.query('SELECT * FROM sse_gateway.log_head FOR UPDATE')
+  // Holding the lock of the draw keeps the publish in the database.
+  await holdIdLock(db)
   const answer = publish(gateway, 'c', 'cut')
   const waiting = await poolWaitingOnLock(db)
   // The server ends the session (57P01): whether a COMMIT had been done is

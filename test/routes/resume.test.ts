@@ -4,7 +4,7 @@ import { pruneLog } from '../../src/event-log.js'
 import { connect, openStream, published, publishedBatch, type ReceivedEvent, startGateway, type StreamClient, streamUrl, subscriber, waitFor, waitForData, within } from '../helper.js'
 
 async function logHead (db: pg.Client): Promise<string> {
-  const { rows } = await db.query<{ id: string }>('SELECT last_id::text AS id FROM sse_gateway.log_head')
+  const { rows } = await db.query<{ id: string }>('SELECT sse_gateway.log_head_id()::text AS id')
   return (rows[0] as { id: string }).id
 }
 
