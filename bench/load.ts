@@ -25,6 +25,11 @@ export interface Delivery {
   histogram: Uint32Array
 }
 
+// Each worker thread opens its connections from its own loopback address,
+// so that 18,000 streams (and the TIME_WAIT of earlier phases) do not run
+// out of one address's ephemeral ports.
+let nextLocalAddress = 0
+
 // A .mjs entry that registers tsx, then loads subscriber.ts.
 const SUBSCRIBER_URL = new URL('./subscriber-entry.mjs', import.meta.url)
 
@@ -47,7 +52,8 @@ export async function openSubscribers (target: Target, path: string | readonly s
       streams: share,
       marker,
       sendTimes: shared,
-      connectConcurrency: 100
+      connectConcurrency: 100,
+      localAddress: target.host === '127.0.0.1' ? `127.0.0.${1 + (nextLocalAddress++ % 8)}` : undefined
     }
     const worker = new Worker(SUBSCRIBER_URL, { workerData: config })
     worker.on('error', (err) => { throw err })
@@ -172,4 +178,49 @@ export async function publishEvents (target: Target, channel: string, count: num
   }))
   poster.close()
   return { firstSentAt, errors }
+}
+
+export interface PacedRun {
+  /** Events whose send was due after the warm-up (the ones measured). */
+  measured: number
+  /** How late the publisher sent an event at worst (ms): above a few ms the load was not open loop any more. */
+  maxSendLag: number
+  errors: Map<number, number>
+}
+
+/**
+ * Publishes events 1..rate × (warmUp + seconds) at a fixed rate, open loop:
+ * each is sent when due, whatever the answers to earlier ones (up to
+ * `connections` requests in flight). Its latency counts from when it was
+ * due, so that a server that holds the publisher back is not flattered
+ * (coordinated omission). The warm-up's events get no send time, so the
+ * subscribers do not measure them.
+ */
+export async function publishPaced (target: Target, channel: string, rate: number, seconds: number, warmUp: number, size: number, connections: number, sendTimes: Float64Array): Promise<PacedRun> {
+  const poster = new Poster(target.host, target.port, connections)
+  const single = target.publishRequest(channel)
+  const errors = new Map<number, number>()
+  const total = Math.round(rate * (warmUp + seconds))
+  const warm = Math.round(rate * warmUp)
+  const interval = 1000 / rate
+  const start = now() + 50
+  let maxSendLag = 0
+  const inFlight = new Set<Promise<void>>()
+  for (let seq = 1; seq <= total; seq++) {
+    const due = start + (seq - 1) * interval
+    const wait = due - now()
+    if (wait > 1) await new Promise((resolve) => setTimeout(resolve, wait - 0.5))
+    while (now() < due) { /* the last half millisecond, spun */ }
+    if (seq > warm) {
+      sendTimes[seq - 1] = due
+      maxSendLag = Math.max(maxSendLag, now() - due)
+    }
+    const sent = poster.post(single.path, single.headers, payload(seq, size)).then((res) => {
+      if (res.status < 200 || res.status > 299) errors.set(res.status, (errors.get(res.status) ?? 0) + 1)
+    }, () => { errors.set(0, (errors.get(0) ?? 0) + 1) }).finally(() => inFlight.delete(sent))
+    inFlight.add(sent)
+  }
+  await Promise.all(inFlight)
+  poster.close()
+  return { measured: total - warm, maxSendLag, errors }
 }

@@ -60,9 +60,8 @@ async function serve (variant: Variant): Promise<void> {
     const line = new FlushLine()
     app.get('/s', async (_request, reply) => {
       reply.hijack()
-      reply.raw.writeHead(200, EVENT_STREAM_HEADERS)
-      const stream = new EventStream(reply.raw, { maxBufferedBytes: 1 << 20, line })
-      stream.write(Buffer.from(encodeEvent({ event: 'open', data: '{}' })))
+      const stream = new EventStream(reply.raw, { maxBufferedBytes: 1 << 20, line }, { streamClosed () {}, streamCutOff () {} })
+      stream.open(EVENT_STREAM_HEADERS, encodeEvent({ event: 'open', data: '{}' }))
       streams.push(stream)
     })
     process.on('message', (message: ToServer) => {

@@ -21,6 +21,8 @@ export interface SubscriberConfig {
   sendTimes: SharedArrayBuffer
   /** Connections opened at once. */
   connectConcurrency: number
+  /** The loopback address the connections come from (127.0.0.x): each address has its own ephemeral ports. */
+  localAddress?: string
 }
 
 export type ToSubscriber =
@@ -97,7 +99,7 @@ function checkDone (): void {
 
 function open (): Promise<string> {
   return new Promise((resolve) => {
-    const socket = connect({ host: config.host, port: config.port, noDelay: true })
+    const socket = connect({ host: config.host, port: config.port, noDelay: true, localAddress: config.localAddress })
     const stream: Stream = { socket, headerDone: false, header: '', received: 0, tail: Buffer.alloc(0), closed: false }
     let settled = false
     const settle = (status: string): void => {

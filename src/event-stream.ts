@@ -1,4 +1,6 @@
-import type { OutgoingHttpHeaders, ServerResponse } from 'node:http'
+import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from 'node:http'
+import { createRequire } from 'node:module'
+import { Socket } from 'node:net'
 
 export const EVENT_STREAM_HEADERS: OutgoingHttpHeaders = {
   'content-type': 'text/event-stream; charset=utf-8',
@@ -33,19 +35,26 @@ export const GATEWAY_EVENTS = {
   expired: 'gateway/expired'
 } as const
 
+/** What every stream of an app shares: one object for all of them. */
 export interface EventStreamOptions {
   /**
-   * Unsent bytes (queued here and buffered by the response) above which a
+   * Unsent bytes (queued here and buffered by the socket) above which a
    * client whose socket has not taken the last write is deemed stalled and
    * cut off.
    */
   maxBufferedBytes: number
   /** The app's flush line. */
   line: FlushLine
-  /** Called with the frames thrown away, live events the client will not get on this stream. */
-  onCutOff?: (droppedFrames: number) => void
   /** Shared by all streams of an app: a plain tally is all the hot path can afford. */
   tally?: StreamTally
+}
+
+/** Who is told what becomes of one stream (an object, not closures: every stream keeps it for its life). */
+export interface StreamOwner {
+  /** The client's connection closed (or the response did, before the head was sent); called once. */
+  streamClosed (): void
+  /** The stream was cut off; `droppedFrames` live events were thrown away with it. */
+  streamCutOff (droppedFrames: number): void
 }
 
 export interface StreamTally {
@@ -82,6 +91,9 @@ export class FlushLine {
   // one stream serves the next ones, instead of each copying the same bytes.
   #lastJoined: Buffer[] = []
   #lastChunk: Buffer | undefined
+  // The same for the chunk framed for HTTP/1.1 (see `framed`).
+  #lastFramedFrom: Buffer | undefined
+  #lastFramed: Buffer | undefined
 
   /** Puts a stream in line; it is flushed in this turn or a later one. */
   enqueue (stream: Flushable): void {
@@ -97,6 +109,17 @@ export class FlushLine {
     this.#lastJoined = frames
     this.#lastChunk = Buffer.concat(frames, bytes)
     return this.#lastChunk
+  }
+
+  /**
+   * A chunk as an HTTP/1.1 chunk (RFC 9112, 7.1): its size in hex, CRLF,
+   * the bytes, CRLF; shared with the previous stream when it was the same.
+   */
+  framed (chunk: Buffer): Buffer {
+    if (chunk === this.#lastFramedFrom && this.#lastFramed !== undefined) return this.#lastFramed
+    this.#lastFramedFrom = chunk
+    this.#lastFramed = frameChunk(chunk)
+    return this.#lastFramed
   }
 
   /** Stops the line: streams still in it are not flushed (they are being ended). */
@@ -129,23 +152,24 @@ export class FlushLine {
     this.#scheduled = undefined
     this.#lastJoined = []
     this.#lastChunk = undefined
+    this.#lastFramedFrom = undefined
+    this.#lastFramed = undefined
   }
+}
+
+const CRLF = Buffer.from('\r\n')
+// The last chunk of a chunked body, with no trailer (RFC 9112, 7.1).
+const LAST_CHUNK = Buffer.from('0\r\n\r\n')
+const EMPTY = Buffer.alloc(0)
+
+function frameChunk (data: Buffer): Buffer {
+  const size = Buffer.from(`${data.length.toString(16)}\r\n`)
+  return Buffer.concat([size, data, CRLF], size.length + data.length + 2)
 }
 
 /** What the flush line flushes. */
 export interface Flushable {
   flush (): void
-}
-
-/**
- * Node keeps the header block it sent (`_header`, undocumented) for the life
- * of the response, as the rope of string concatenations it was built from:
- * about a hundred pieces. Reading a character makes V8 flatten it into one
- * string, which is 1 KB less per stream.
- */
-function flattenHeaderBlock (res: ServerResponse): void {
-  const head: unknown = (res as unknown as { _header?: unknown })._header
-  if (typeof head === 'string' && head.length > 0) head.charCodeAt(0)
 }
 
 /**
@@ -167,44 +191,136 @@ export interface FrameWriter {
   cutOff (dropped: number): void
 }
 
+// Node's HTTP parser pool, reached the way Node's own upgrade path reaches
+// it (lib/_http_server.js): there is no public call that hands a
+// connection over after a response's head, only after an Upgrade.
+interface HttpParser { finish (): unknown }
+const { freeParser } = createRequire(import.meta.url)('node:_http_common') as {
+  freeParser: (parser: HttpParser, req: IncomingMessage | null, socket: Socket) => void
+}
+
+// The events node:http listens to on a connection it serves.
+const HTTP_SOCKET_EVENTS = ['data', 'end', 'close', 'drain', 'error', 'timeout', 'resume', 'pause'] as const
+
 /**
- * One client's SSE response: a FrameWriter over node:http.
+ * Takes a connection away from node:http once a response's head and first
+ * bytes are handed to its socket, as Node itself does for an Upgrade: the
+ * response is detached, node:http's listeners removed, and the HTTP parser
+ * returned to its pool (it leaves the server's list of connections). What
+ * remains is the socket alone; the request and response objects, the parser
+ * and the per-connection closures go to the GC. Whoever calls this owns the
+ * socket: its framing, its listeners ('data' first: adding one makes Node
+ * stop feeding the socket to the parser), its errors and its end.
+ */
+function takeOverConnection (res: ServerResponse, socket: Socket): void {
+  const parser = (socket as Socket & { parser?: HttpParser | null }).parser
+  res.detachSocket(socket)
+  for (const event of HTTP_SOCKET_EVENTS) socket.removeAllListeners(event)
+  if (parser === undefined || parser === null) return
+  // After the parser's current run, which may be the one that delivered
+  // this request (a handler that answers at once): freed inside it, the
+  // parser would put itself back on the server's list as the run ends.
+  process.nextTick(releaseParser, parser, socket)
+}
+
+function releaseParser (parser: HttpParser, socket: Socket): void {
+  parser.finish()
+  freeParser(parser, null, socket)
+  // node:http wraps these on each connection it serves (to stop feeding the
+  // parser when a 'data' listener comes), a closure each; without a parser
+  // the wrappers only put the originals back, which is done here at once.
+  socket.on = Socket.prototype.on
+  socket.addListener = Socket.prototype.addListener
+  socket.prependListener = Socket.prototype.prependListener
+}
+
+// The stream a taken-over socket carries. The socket's listeners are shared
+// by every stream (a closure each would cost every stream its context) and
+// find their stream here.
+const STREAM = Symbol('pgsse.eventStream')
+type StreamSocket = Socket & { [STREAM]?: EventStream }
+
+function ignoreError (): void {}
+
+/**
+ * One client's SSE response: a FrameWriter over an HTTP/1.1 connection.
+ *
+ * Until its head is sent it is a node:http response, so that a stream
+ * refused during set-up is answered like any other request. `open()` sends
+ * the head and the first bytes through node:http, then takes the connection
+ * over: from then on the stream is its socket and a few fields, and writes
+ * the chunked framing itself (BENCHMARKS.md has the heap snapshots: what
+ * node:http and Fastify kept for the connection was 5.5 of the 8.2 KiB of
+ * heap an idle stream took).
  *
  * Live frames are queued, and written together when the stream's turn in
  * the flush line comes: one chunk for all the frames queued meanwhile. When
- * the response says to wait (write() returned false), frames queue until it
+ * the socket says to wait (write() returned false), frames queue until it
  * drains. A client that stops reading is cut off once its unsent bytes pass
  * the bound, instead of buffering without limit; it resumes with its last
  * id.
  */
 export class EventStream implements FrameWriter, Flushable {
-  readonly #res: ServerResponse
+  // The response until the head is sent, then undefined.
+  #res: ServerResponse | undefined
+  readonly #socket: Socket
   readonly #options: EventStreamOptions
-  // Live frames not yet handed to the response, oldest first.
+  readonly #owner: StreamOwner
+  // Live frames not yet handed to the socket, oldest first.
   #pending: Buffer[] = []
   #pendingBytes = 0
   #scheduled = false
   #waitingForDrain = false
+  // HTTP/1.0 clients get the body as it is, ended by the close.
+  #chunked = true
+  #ended = false
+  #closed = false
 
-  constructor (res: ServerResponse, options: EventStreamOptions) {
+  /** `res` must have its socket (a request pipelined behind another answer has none yet). */
+  constructor (res: ServerResponse, options: EventStreamOptions, owner: StreamOwner) {
+    const socket = res.socket
+    if (socket === null) throw new TypeError('an EventStream needs a response that has its socket')
     this.#res = res
+    this.#socket = socket
     this.#options = options
+    this.#owner = owner
+    res.once('close', () => {
+      // After the hand-over the socket says when the client is gone.
+      if (this.#res !== undefined) this.#closedNow()
+    })
   }
 
   get ended (): boolean {
-    return this.#res.writableEnded || this.#res.destroyed
+    const res = this.#res
+    if (res !== undefined) return res.writableEnded || res.destroyed || this.#socket.destroyed
+    return this.#ended || this.#socket.destroyed
   }
 
   /** Bytes written to this stream that the socket has not taken yet. */
   get unsentBytes (): number {
-    return this.#pendingBytes + this.#res.writableLength
+    return this.#pendingBytes + (this.#res?.writableLength ?? this.#socket.writableLength)
   }
 
-  /** Sends the headers and the first frames. */
+  /** Sends the head and the first frames, then takes the connection over from node:http. */
   open (headers: OutgoingHttpHeaders, preamble: string): void {
-    this.#res.writeHead(200, headers)
-    flattenHeaderBlock(this.#res)
-    this.#res.write(preamble)
+    const res = this.#res
+    if (res === undefined || this.ended) return
+    res.writeHead(200, headers)
+    res.write(preamble)
+    this.#chunked = res.chunkedEncoding
+    const socket = this.#socket as StreamSocket
+    takeOverConnection(res, socket)
+    this.#res = undefined
+    socket[STREAM] = this
+    socket.on('data', EventStream.#onSocketData)
+    socket.on('close', EventStream.#onSocketClose)
+    socket.on('drain', EventStream.#onSocketDrain)
+    socket.on('end', EventStream.#onSocketEnd)
+    socket.on('error', ignoreError)
+    if (this.#pending.length > 0 && !this.#scheduled) {
+      this.#scheduled = true
+      this.#options.line.enqueue(this)
+    }
   }
 
   /**
@@ -216,16 +332,18 @@ export class EventStream implements FrameWriter, Flushable {
    * live events held meanwhile.
    */
   writeNow (frame: Buffer): boolean {
-    if (this.ended) return false
-    return this.#res.write(frame)
+    if (this.ended || this.#res !== undefined) return false
+    return this.#socket.write(this.#chunked ? frameChunk(frame) : frame)
   }
 
   write (frame: Buffer): void {
-    if (this.ended) return
+    // The flag, not the getter: this runs once per event per stream. A
+    // socket destroyed since is seen by the flush.
+    if (this.#ended) return
     // Only a client that left data behind is measured: frames queued for the
     // next flush of a stream whose socket took everything are the gateway's
     // own backlog, shared Buffers that the flush will hand on.
-    if (this.#waitingForDrain && this.#pendingBytes + frame.length + this.#res.writableLength > this.#options.maxBufferedBytes) {
+    if (this.#waitingForDrain && this.#pendingBytes + frame.length + this.#socket.writableLength > this.#options.maxBufferedBytes) {
       this.cutOff(1)
       return
     }
@@ -238,78 +356,105 @@ export class EventStream implements FrameWriter, Flushable {
   }
 
   /**
-   * Hands the queued frames to the response as one chunk. A stream waiting
-   * for its socket to drain keeps them until it has.
+   * Hands the queued frames to the socket as one chunk: one write, one
+   * syscall. A stream waiting for its socket to drain keeps them until it
+   * has; so does one whose head is not sent yet.
    */
   flush (): void {
     this.#scheduled = false
-    if (this.#waitingForDrain || this.#pending.length === 0) return
+    if (this.#waitingForDrain || this.#pending.length === 0 || this.#res !== undefined) return
     if (this.ended) {
       this.#pending = []
       this.#pendingBytes = 0
       return
     }
-    const pending = this.#pending
+    const line = this.#options.line
     if (this.#options.tally !== undefined) this.#options.tally.bytesWritten += this.#pendingBytes
-    const chunk = this.#options.line.join(pending, this.#pendingBytes)
+    const chunk = line.join(this.#pending, this.#pendingBytes)
     this.#pending = []
     this.#pendingBytes = 0
-    // Corked here, the response does not cork the socket itself and defer
-    // the syscall to a nextTick: the write happens now, inside the slice
-    // whose time it is counted in.
-    const socket = this.#res.socket
-    socket?.cork()
-    const more = this.#res.write(chunk)
-    socket?.uncork()
-    if (!more) {
-      this.#waitingForDrain = true
-      this.#onDrain ??= (): void => {
-        this.#waitingForDrain = false
-        this.flush()
-      }
-      this.#res.once('drain', this.#onDrain)
-    }
+    if (!this.#socket.write(this.#chunked ? line.framed(chunk) : chunk)) this.#waitingForDrain = true
   }
 
   async drained (): Promise<void> {
-    if (this.ended || !this.#res.writableNeedDrain) return
+    const socket = this.#socket
+    if (this.ended || this.#res !== undefined || !socket.writableNeedDrain) return
     await new Promise<void>((resolve) => {
       const done = (): void => {
-        this.#res.off('drain', done)
-        this.#res.off('close', done)
+        socket.off('drain', done)
+        socket.off('close', done)
         resolve()
       }
-      this.#res.on('drain', done)
-      this.#res.on('close', done)
+      socket.on('drain', done)
+      socket.on('close', done)
     })
   }
 
   async end (): Promise<void> {
     if (this.ended) return
-    if (this.#onDrain !== undefined) this.#res.off('drain', this.#onDrain)
+    const res = this.#res
+    if (res !== undefined) {
+      // Not begun: there is no stream to end, only a connection to close.
+      res.destroy()
+      return
+    }
     this.#waitingForDrain = false
     this.flush()
+    this.#ended = true
+    const socket = this.#socket
     await new Promise<void>((resolve) => {
-      this.#res.once('close', resolve)
-      this.#res.end(resolve)
+      socket.once('close', resolve)
+      // A stream's connection is not reused: once the last chunk is out, it is closed.
+      socket.end(this.#chunked ? LAST_CHUNK : EMPTY, () => socket.destroy())
     })
   }
 
-  // Made when the stream first waits for its socket: most streams never do,
-  // and a closure made at construction costs each of them a context.
-  #onDrain: (() => void) | undefined
-
   cutOff (dropped: number): void {
     if (this.ended) return
+    this.#ended = true
     dropped += this.#pending.length
     this.#pending = []
     this.#pendingBytes = 0
     // Reset, not closed: a socket closed with unsent bytes waits in
     // FIN-WAIT-1 for a peer that does not read, holding its send buffer
-    // (megabytes) for minutes; a reset frees it now. The response is
-    // destroyed too, so that it counts as ended at once.
-    this.#res.socket?.resetAndDestroy()
-    this.#res.destroy()
-    this.#options.onCutOff?.(dropped)
+    // (megabytes) for minutes; a reset frees it now. A response not begun
+    // is destroyed too, so that it counts as ended at once.
+    this.#socket.resetAndDestroy()
+    this.#res?.destroy()
+    this.#owner.streamCutOff(dropped)
+  }
+
+  #closedNow (): void {
+    if (this.#closed) return
+    this.#closed = true
+    this.#ended = true
+    this.#pending = []
+    this.#pendingBytes = 0
+    this.#owner.streamClosed()
+  }
+
+  static #onSocketClose (this: StreamSocket): void {
+    const stream = this[STREAM]
+    if (stream !== undefined) stream.#closedNow()
+  }
+
+  static #onSocketDrain (this: StreamSocket): void {
+    const stream = this[STREAM]
+    if (stream === undefined || !stream.#waitingForDrain) return
+    stream.#waitingForDrain = false
+    stream.flush()
+  }
+
+  // The client half-closed: an SSE client that sends its FIN is gone (Node
+  // ends such a connection too).
+  static #onSocketEnd (this: StreamSocket): void {
+    this.destroy()
+  }
+
+  // A request sent behind a stream's can never be answered (the stream
+  // does not end): its connection is closed, as guardStreamConnections
+  // does for one that arrives before the hand-over (src/routes/events.ts).
+  static #onSocketData (this: StreamSocket): void {
+    this.destroy()
   }
 }

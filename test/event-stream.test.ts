@@ -2,6 +2,8 @@ import { execFileSync } from 'node:child_process'
 import { once } from 'node:events'
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http'
 import { connect, type AddressInfo, type Socket } from 'node:net'
+import { setFlagsFromString } from 'node:v8'
+import { runInNewContext } from 'node:vm'
 import t from 'tap'
 import { EVENT_STREAM_HEADERS, EventStream, type EventStreamOptions, FlushLine } from '../src/event-stream.js'
 import { Subscriber } from '../src/stream-core.js'
@@ -13,8 +15,11 @@ interface Served {
   stream: Subscriber
   /** What the seam writes to: the response, its queue and its bound. */
   writer: EventStream
-  res: ServerResponse
-  /** Every chunk handed to res.write, in order. */
+  /** The connection, once the stream has taken it over. */
+  socket: Socket
+  /** node:http's objects of the request, which the stream should not keep. */
+  http: { req: WeakRef<IncomingMessage>, res: WeakRef<ServerResponse> }
+  /** Every chunk written to the socket after the head, in order, without its chunk framing. */
   writes: Buffer[]
   cutOff: () => number
   /** Frames the cut-offs threw away. */
@@ -66,31 +71,39 @@ class RawClient {
   }
 }
 
+/** The data of one HTTP/1.1 chunk (`size CRLF data CRLF`), checking its framing. */
+function unframe (chunk: Buffer): Buffer {
+  const eol = chunk.indexOf('\r\n')
+  const size = parseInt(chunk.subarray(0, eol).toString('latin1'), 16)
+  if (eol < 1 || chunk.length !== eol + 2 + size + 2 || chunk.subarray(-2).toString() !== '\r\n') throw new Error(`not one HTTP/1.1 chunk: ${JSON.stringify(chunk.toString('latin1').slice(0, 40))}`)
+  return chunk.subarray(eol + 2, eol + 2 + size)
+}
+
 /** An HTTP server whose every request becomes an EventStream, closed when the test ends. */
-async function serve (t: Test, options: Partial<EventStreamOptions> = {}): Promise<{ open: () => Promise<[Served, RawClient]> }> {
+async function serve (t: Test, options: Partial<EventStreamOptions> = {}): Promise<{ open: (version?: '1.1' | '1.0') => Promise<[Served, RawClient]> }> {
   const waiting: Array<(served: Served) => void> = []
   const line = new FlushLine()
   t.teardown(() => line.close())
-  const server = createServer((_req: IncomingMessage, res: ServerResponse) => {
+  const server = createServer((req: IncomingMessage, res: ServerResponse) => {
+    const http = { req: new WeakRef(req), res: new WeakRef(res) }
+    const chunked = req.httpVersion !== '1.0'
     let cutOffs = 0
     let dropped = 0
     const writes: Buffer[] = []
-    const write = res.write.bind(res) as (chunk: Buffer | string) => boolean
-    res.write = ((chunk: Buffer | string) => {
-      writes.push(Buffer.from(chunk))
-      return write(chunk)
-    }) as typeof res.write
-    const writer = new EventStream(res, {
-      maxBufferedBytes: 256 * 1024,
-      line,
-      onCutOff: (frames) => { cutOffs++; dropped += frames },
-      ...options
+    const socket = res.socket as Socket
+    const writer = new EventStream(res, { maxBufferedBytes: 256 * 1024, line, ...options }, {
+      streamClosed () {},
+      streamCutOff (frames) { cutOffs++; dropped += frames }
     })
     // Live events held during set-up count toward the same bound.
     const stream = new Subscriber(writer, options.maxBufferedBytes ?? 256 * 1024)
     writer.open(EVENT_STREAM_HEADERS, 'retry: 1000\n\n')
-    writes.length = 0
-    waiting.shift()?.({ stream, writer, res, writes, cutOff: () => cutOffs, dropped: () => dropped })
+    const write = socket.write.bind(socket) as (chunk: Buffer) => boolean
+    socket.write = ((chunk: Buffer) => {
+      writes.push(chunked ? unframe(chunk) : chunk)
+      return write(chunk)
+    }) as typeof socket.write
+    waiting.shift()?.({ stream, writer, socket, http, writes, cutOff: () => cutOffs, dropped: () => dropped })
   })
   server.listen(0, '127.0.0.1')
   await once(server, 'listening')
@@ -103,12 +116,12 @@ async function serve (t: Test, options: Partial<EventStreamOptions> = {}): Promi
   })
   const { port } = server.address() as AddressInfo
   return {
-    async open () {
+    async open (version = '1.1') {
       const served = new Promise<Served>((resolve) => waiting.push(resolve))
       const socket = connect({ port, host: '127.0.0.1' })
       sockets.add(socket)
       const client = new RawClient(socket)
-      socket.write('GET /events HTTP/1.1\r\nHost: test\r\n\r\n')
+      socket.write(`GET /events HTTP/${version}\r\nHost: test\r\n\r\n`)
       return [await served, client]
     }
   }
@@ -230,6 +243,42 @@ t.test('end() writes what is queued, then ends the response', async (t) => {
   served.stream.write(frame(3), 3)
   await turn()
   t.equal(served.writes.length, 1, 'nothing written after the end')
+  await waitFor(() => client.closed, 'the connection to close')
+  t.ok(client.tail.endsWith(frame(2).toString() + '\r\n0\r\n\r\n'), 'the body ends with the last chunk, and the connection closes')
+})
+
+t.test('once its head is sent, a stream keeps only its socket: node:http\'s request, response and parser are let go', async (t) => {
+  setFlagsFromString('--expose-gc')
+  const gc = runInNewContext('gc') as () => void
+  const { open } = await serve(t)
+  const [served, client] = await open()
+  served.stream.release()
+  await turn()
+  gc()
+  t.equal(served.http.req.deref(), undefined, 'the request is collected')
+  t.equal(served.http.res.deref(), undefined, 'the response is collected')
+  t.equal((served.socket as Socket & { parser?: unknown }).parser ?? null, null, 'the parser is returned to its pool')
+  t.same(served.socket.listeners('data').map((f) => f.name), ['#onSocketData'], 'only the stream reads the socket')
+  // It still works as a stream.
+  served.stream.write(frame(1), 1)
+  await waitFor(() => client.body.endsWith(frame(1).toString()), 'the frame')
+  // Whatever the client sends behind its stream closes the connection.
+  client.socket.write('GET /next HTTP/1.1\r\nHost: test\r\n\r\n')
+  await waitFor(() => client.closed, 'the connection to close')
+  t.ok(served.writer.ended)
+})
+
+t.test('an HTTP/1.0 client gets the events without chunk framing, ended by the close', async (t) => {
+  const { open } = await serve(t)
+  const [served, client] = await open('1.0')
+  served.stream.release()
+  served.stream.write(frame(1), 1)
+  served.stream.write(frame(2), 2)
+  await waitFor(() => client.tail.endsWith(frame(2).toString()), 'the frames')
+  served.writer.end().catch(() => {})
+  await waitFor(() => client.closed, 'the connection to close')
+  const raw = client.tail
+  t.ok(raw.endsWith('\r\n\r\nretry: 1000\n\n' + frame(1).toString() + frame(2).toString()), 'the body as written, after the head')
 })
 
 t.test('a client that stops reading is cut off at the bound; the others get every event', async (t) => {
@@ -240,7 +289,7 @@ t.test('a client that stops reading is cut off at the bound; the others get ever
   stalled.stream.release()
   for (const [served] of readers) served.stream.release()
   stalledClient.socket.pause()
-  const serverSocket = stalled.res.socket as Socket
+  const serverSocket = stalled.socket
   const ports = [serverSocket.localPort as number, stalledClient.socket.localPort as number] as const
 
   const payload = 'x'.repeat(16 * 1024)
@@ -290,14 +339,14 @@ t.test('a slow reader within the bound waits for drain and loses nothing', async
   const payload = 'y'.repeat(32 * 1024)
   let id = 0
   // Until the socket pushes back: write() said to wait.
-  while (served.res.writableLength === 0 && id < 2048) {
+  while (served.socket.writableLength === 0 && id < 2048) {
     for (let i = 0; i < 8; i++) {
       id++
       served.stream.write(frame(id, payload), id)
     }
     await turn()
   }
-  t.ok(served.res.writableNeedDrain, 'the response is waiting for the socket to drain')
+  t.ok(served.socket.writableNeedDrain, 'the socket is waiting for the socket to drain')
   const writesWhileBlocked = served.writes.length
   for (let i = 0; i < 8; i++) {
     id++

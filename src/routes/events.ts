@@ -3,9 +3,9 @@ import type { Socket } from 'node:net'
 import { Type, type TypeBoxTypeProvider } from '@fastify/type-provider-typebox'
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { BadRequestError, OverloadedError, UnavailableError } from '../errors.js'
-import { EVENT_STREAM_HEADERS, EventStream, GATEWAY_EVENTS } from '../event-stream.js'
+import { EVENT_STREAM_HEADERS, EventStream, type EventStreamOptions, GATEWAY_EVENTS, type StreamOwner } from '../event-stream.js'
 import { encodeEvent, encodeRetry } from '../sse.js'
-import { jittered, type PreparedStream, StreamUnavailableError } from '../stream-core.js'
+import { jittered, type PreparedStream, type StreamRequest, StreamUnavailableError } from '../stream-core.js'
 import { type EventId, MAX_EVENT_ID, parseEventId } from '../event-id.js'
 import { checkChannelNames } from '../channel.js'
 import { BATCH_DATA, toPayload } from '../payload.js'
@@ -129,6 +129,130 @@ export function guardStreamConnections (app: FastifyInstance, streamRoutes: Read
   })
 }
 
+/**
+ * What a stream route asks of serveStream, once it has parsed its request:
+ * the stream core's request (channels, resume id, and the selector and
+ * dialect of a route that frames events its own way), without the expiry,
+ * which the credential tells.
+ */
+export interface StreamOpening extends Omit<StreamRequest, 'expiresAt' | 'channels'> {
+  channels: string[]
+  /**
+   * Checks the client's credential (and reads what else the stream needs
+   * from the database), once its slot is counted: resolves with when the
+   * credential expires (epoch seconds), and the resume id if it is known
+   * only now.
+   */
+  authorize: () => Promise<{ expiresAt: number | undefined, resumeFrom?: EventId }>
+  /** Response headers over EVENT_STREAM_HEADERS and the reply's own, from where the stream starts. */
+  headers?: (prepared: PreparedStream) => OutgoingHttpHeaders
+  /** Just before the stream begins; what it returns is called once its connection closes. */
+  begins?: () => (() => void) | undefined
+  /** The words of a refusal that EventSource retries (retryLater's `say`). */
+  sayRefusal?: (refusal: { status: number, reason: string, retry: number }) => string
+}
+
+/**
+ * A stream's hold on what it took (its slot, its LISTENs), given back once
+ * when its connection closes; and what is done when it is cut off.
+ */
+class StreamHold implements StreamOwner {
+  closed = false
+  releaseSlot: (() => void) | undefined
+  prepared: PreparedStream | undefined
+  /** The route's own, from StreamOpening.begins. */
+  onClose: (() => void) | undefined
+  readonly #app: FastifyInstance
+  readonly #channels: readonly string[]
+
+  constructor (app: FastifyInstance, channels: readonly string[]) {
+    this.#app = app
+    this.#channels = channels
+  }
+
+  streamClosed (): void {
+    if (this.closed) return
+    this.closed = true
+    this.releaseSlot?.()
+    if (this.prepared !== undefined) this.#app.streamCore.close(this.prepared)
+    this.onClose?.()
+  }
+
+  streamCutOff (droppedFrames: number): void {
+    this.#app.metrics.streamsCutOff.inc()
+    this.#app.metrics.framesDropped.inc(droppedFrames)
+    this.#app.log.warn({ channels: this.#channels }, 'stream cut off: the client is not reading')
+  }
+}
+
+/** How the streams of a route are served: one object for all of them. */
+export interface StreamSettings {
+  /** Their buffering and flush line. */
+  stream: EventStreamOptions
+  /** RETRY_MS: the base of the `retry:` advice (ms). */
+  retryMs: number
+}
+
+/**
+ * Serves a parsed stream request: counts it against the stream limits,
+ * authorizes it, sets it up with the stream core (LISTENs, start
+ * position), then sends the head and hands the connection to its
+ * EventStream, which keeps only the socket; the replay and the live events
+ * follow. A refusal that may pass (busy, at a limit, the database
+ * unreachable) is answered as retryLater says. Everything the stream took
+ * is given back when its connection closes, whatever point the set-up had
+ * reached. For any route that opens event streams.
+ */
+export async function serveStream (app: FastifyInstance, request: FastifyRequest, reply: FastifyReply, opening: StreamOpening, settings: StreamSettings): Promise<FastifyReply> {
+  const { authorize, headers: routeHeaders, begins, sayRefusal, ...streamRequest } = opening
+  const { channels } = opening
+  // The client left before its request got here: nothing to take.
+  if (reply.raw.destroyed) return reply.hijack()
+  const hold = new StreamHold(app, channels)
+  const connection = request.raw
+  const stream = new EventStream(reply.raw, settings.stream, hold)
+  try {
+    // Counted before the token is checked (a ticket is spent by the check).
+    hold.releaseSlot = app.streamLimits.acquire(request.ip)
+    // Checked before the token too, so that a ticket is not spent on a
+    // stream that cannot be opened now.
+    if (app.listener.state === 'disconnected' || app.listener.state === 'closed') throw new UnavailableError(LISTENER_DOWN)
+    const authorized = await authorize()
+    if (hold.closed) return reply.hijack()
+    try {
+      hold.prepared = await app.streamCore.prepare(stream, { ...streamRequest, ...authorized })
+    } catch (err) {
+      throw err instanceof StreamUnavailableError ? new UnavailableError(err.message) : err
+    }
+  } catch (err) {
+    return retryLater(request, reply, err as FastifyError, settings.retryMs, sayRefusal)
+  }
+  const prepared = hold.prepared
+  // The response closed meanwhile (its 'close' released what was taken),
+  // or was destroyed and its 'close' is still to come.
+  if (hold.closed || reply.raw.destroyed) {
+    app.streamCore.close(prepared)
+    return reply.hijack()
+  }
+
+  // The stream begins only now, with its channels LISTENed: an event
+  // committed after the client sees the response is never missed.
+  reply.hijack()
+  const headers = { ...reply.getHeaders() as OutgoingHttpHeaders, ...EVENT_STREAM_HEADERS, ...routeHeaders?.(prepared) }
+  hold.onClose = begins?.()
+  try {
+    await app.streamCore.begin(prepared, (preamble) => {
+      stream.open(headers, preamble)
+      // The connection is the stream's now: it guards itself.
+      unmarkStreamConnection(connection)
+    })
+  } catch (err) {
+    // The client reconnects with the last id it got, and resumes.
+    request.log.warn({ err: { message: (err as Error).message } }, 'replay failed; ending the stream')
+  }
+  return reply
+}
+
 const BatchBody = Type.Object({
   events: Type.Array(Type.Object({
     channel: Type.String(),
@@ -138,6 +262,10 @@ const BatchBody = Type.Object({
 
 export default async function eventsRoutes (app: FastifyInstance, options: EventsRoutesOptions): Promise<void> {
   const routes = app.withTypeProvider<TypeBoxTypeProvider>()
+  const streamSettings: StreamSettings = {
+    stream: { maxBufferedBytes: options.streamBufferBytes, line: app.flushLine, tally: app.metrics.streamTally },
+    retryMs: options.retryMs
+  }
 
   // No HEAD: it would open a stream whose events nobody may send.
   routes.get('/events', {
@@ -169,68 +297,12 @@ export default async function eventsRoutes (app: FastifyInstance, options: Event
     // EventSource sends the header on reconnect; the query parameter serves
     // a first connection from a client that kept its place.
     const resumeFrom = resumeId(request.headers['last-event-id'] ?? request.query.lastEventId)
-    // The client left before its request got here: nothing to take.
-    if (reply.raw.destroyed) return reply.hijack()
-
-    // Everything the stream takes is given back when its response closes
-    // (the client went away, or the answer was sent), whatever point the
-    // set-up had reached; the set-up stops at the next step once it has.
-    let closed = false
-    let releaseSlot: (() => void) | undefined
-    let prepared: PreparedStream | undefined
-    // Idempotent, so `on` rather than `once`, whose wrapper every stream would keep.
-    reply.raw.on('close', () => {
-      closed = true
-      unmarkStreamConnection(request.raw)
-      releaseSlot?.()
-      if (prepared !== undefined) app.streamCore.close(prepared)
-    })
-
-    try {
-      // Counted before the token is checked (a ticket is spent by the check).
-      releaseSlot = app.streamLimits.acquire(request.ip)
-      // Checked before the token too, so that a ticket is not spent on a
-      // stream that cannot be opened now.
-      if (app.listener.state === 'disconnected' || app.listener.state === 'closed') throw new UnavailableError(LISTENER_DOWN)
-      const claims = await app.authorize(request, 'subscribe', channels)
-      if (closed) return reply.hijack()
-      const stream = new EventStream(reply.raw, {
-        maxBufferedBytes: options.streamBufferBytes,
-        line: app.flushLine,
-        tally: app.metrics.streamTally,
-        onCutOff: (droppedFrames) => {
-          app.metrics.streamsCutOff.inc()
-          app.metrics.framesDropped.inc(droppedFrames)
-          request.log.warn({ channels }, 'stream cut off: the client is not reading')
-        }
-      })
-      try {
-        prepared = await app.streamCore.prepare(stream, { channels, resumeFrom, expiresAt: claims?.exp, selector })
-      } catch (err) {
-        throw err instanceof StreamUnavailableError ? new UnavailableError(err.message) : err
-      }
-    } catch (err) {
-      return retryLater(request, reply, err as FastifyError, options.retryMs)
-    }
-    // The response closed meanwhile (its 'close' released what was taken),
-    // or was destroyed and its 'close' is still to come.
-    if (closed || reply.raw.destroyed) {
-      app.streamCore.close(prepared)
-      return reply.hijack()
-    }
-
-    // The stream begins only now, with its channels LISTENed: an event
-    // committed after the client sees the response is never missed.
-    reply.hijack()
-    const headers = { ...reply.getHeaders() as OutgoingHttpHeaders, ...EVENT_STREAM_HEADERS }
-    const stream = prepared.subscriber.writer as EventStream
-    try {
-      await app.streamCore.begin(prepared, (preamble) => stream.open(headers, preamble))
-    } catch (err) {
-      // The client reconnects with the last id it got, and resumes.
-      request.log.warn({ err: { message: (err as Error).message } }, 'replay failed; ending the stream')
-    }
-    return reply
+    return await serveStream(app, request, reply, {
+      channels,
+      resumeFrom,
+      selector,
+      authorize: async () => ({ expiresAt: (await app.authorize(request, 'subscribe', channels))?.exp })
+    }, streamSettings)
   })
 
   routes.post('/events', {

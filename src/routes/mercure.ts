@@ -3,7 +3,6 @@ import type { OutgoingHttpHeaders } from 'node:http'
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { BadRequestError, ForbiddenError, OverloadedError, PayloadTooLargeError, UnauthorizedError, UnavailableError, UnsupportedMediaTypeError } from '../errors.js'
 import type { EventId } from '../event-id.js'
-import { EVENT_STREAM_HEADERS, EventStream } from '../event-stream.js'
 import { nothingPublished } from '../group-publisher.js'
 import { ANONYMOUS, InvalidTokenError, mayPublish, mayRead, type MercureGrants, type MercureTokenOptions, MercureTokens, payloadFor, type VerifiedToken } from '../mercure/authorization.js'
 import { findUpdate, lastUpdateId } from '../mercure/log.js'
@@ -15,8 +14,7 @@ import { decodeBody } from '../plugins/body-parsers.js'
 import { originAllowed } from '../plugins/auth.js'
 import { API_ROUTE } from '../plugins/security.js'
 import { encodeComment } from '../sse.js'
-import { type PreparedStream, StreamUnavailableError } from '../stream-core.js'
-import { retryLater, unmarkStreamConnection } from './events.js'
+import { retryLater, serveStream, type StreamSettings } from './events.js'
 
 /*
  * A Mercure hub (https://mercure.rocks), both protocol generations, on the
@@ -116,6 +114,10 @@ export default async function mercureRoutes (app: FastifyInstance, options: Merc
   const trustedOrigins = new Set(options.trustedOrigins)
   const limits = { maxTopics: MAX_TOPICS, maxFieldLength: MAX_FIELD_LENGTH, hubUrl: options.hubUrl }
   const hubPath = MERCURE_PATH
+  const streamSettings: StreamSettings = {
+    stream: { maxBufferedBytes: options.streamBufferBytes, line: app.flushLine, tally: app.metrics.streamTally },
+    retryMs: options.retryMs
+  }
 
   // Active subscriptions, when asked for: registered once this instance is
   // up; what streams still have to remove is waited for before it goes.
@@ -230,83 +232,42 @@ export default async function mercureRoutes (app: FastifyInstance, options: Merc
     // The header wins over the query parameters (both generations').
     const header = request.headers['last-event-id']
     const lastEventId = (typeof header === 'string' ? utf8Header(header) : undefined) ?? params.get('last_event_id') ?? params.get('lastEventID') ?? undefined
-    if (reply.raw.destroyed) return reply.hijack()
-
-    let closed = false
-    let releaseSlot: (() => void) | undefined
-    let prepared: PreparedStream | undefined
-    reply.raw.on('close', () => {
-      closed = true
-      unmarkStreamConnection(request.raw)
-      releaseSlot?.()
-      if (prepared !== undefined) app.streamCore.close(prepared)
-    })
-
     let found = false
-    try {
-      releaseSlot = app.streamLimits.acquire(request.ip)
-      if (app.listener.state === 'disconnected' || app.listener.state === 'closed') {
-        throw new UnavailableError('the gateway cannot listen to the database right now; retry shortly')
-      }
-      let resumeFrom: EventId | undefined
-      if (lastEventId !== undefined) ({ resumeFrom, found } = await resumePosition(lastEventId))
-      if (closed) return reply.hijack()
-      const stream = new EventStream(reply.raw, {
-        maxBufferedBytes: options.streamBufferBytes,
-        line: app.flushLine,
-        tally: app.metrics.streamTally,
-        onCutOff: (droppedFrames) => {
-          app.metrics.streamsCutOff.inc()
-          app.metrics.framesDropped.inc(droppedFrames)
-          request.log.warn('Mercure stream cut off: the client is not reading')
+    return await serveStream(app, request, reply, {
+      channels: [MERCURE_CHANNEL],
+      resumeFrom: undefined,
+      selector: new MercureSelector(matcher, selectors, grants),
+      dialect: MERCURE_DIALECT,
+      authorize: async () => {
+        let resumeFrom: EventId | undefined
+        if (lastEventId !== undefined) ({ resumeFrom, found } = await resumePosition(lastEventId))
+        return { expiresAt: verified?.exp, resumeFrom }
+      },
+      headers: (prepared) => {
+        // As Mercure sends them: a stream (its token may be in the URL) is never stored.
+        const headers: OutgoingHttpHeaders = { 'cache-control': 'private, no-cache, no-store, must-revalidate, max-age=0' }
+        if (lastEventId !== undefined) {
+          // Where the stream starts: after the update asked for, or `earliest`
+          // (asked for, unknown, or pruned meanwhile).
+          const startsAfter = found && !prepared.start.missed ? lastEventId : 'earliest'
+          // Header values travel as bytes: the id's UTF-8, as the client sent it.
+          const value = Buffer.from(startsAfter).toString('latin1')
+          headers['last-event-id'] = value
+          headers['mercure-last-event-id'] = value
+          headers['access-control-expose-headers'] = 'Last-Event-ID, Mercure-Last-Event-ID'
         }
-      })
-      try {
-        prepared = await app.streamCore.prepare(stream, {
-          channels: [MERCURE_CHANNEL],
-          resumeFrom,
-          expiresAt: verified?.exp,
-          selector: new MercureSelector(matcher, selectors, grants),
-          dialect: MERCURE_DIALECT
-        })
-      } catch (err) {
-        throw err instanceof StreamUnavailableError ? new UnavailableError(err.message) : err
-      }
-    } catch (err) {
-      return retryLater(request, reply, err as FastifyError, options.retryMs, sayInComment)
-    }
-    if (closed || reply.raw.destroyed) {
-      app.streamCore.close(prepared)
-      return reply.hijack()
-    }
-
-    reply.hijack()
-    // As Mercure sends them: a stream (its token may be in the URL) is never stored.
-    const headers: OutgoingHttpHeaders = { ...reply.getHeaders() as OutgoingHttpHeaders, ...EVENT_STREAM_HEADERS, 'cache-control': 'private, no-cache, no-store, must-revalidate, max-age=0' }
-    if (lastEventId !== undefined) {
-      // Where the stream starts: after the update asked for, or `earliest`
-      // (asked for, unknown, or pruned meanwhile).
-      const startsAfter = found && !prepared.start.missed ? lastEventId : 'earliest'
-      // Header values travel as bytes: the id's UTF-8, as the client sent it.
-      const value = Buffer.from(startsAfter).toString('latin1')
-      headers['last-event-id'] = value
-      headers['mercure-last-event-id'] = value
-      headers['access-control-expose-headers'] = 'Last-Event-ID, Mercure-Last-Event-ID'
-    }
-    if (active !== undefined) {
-      // One identifier per connection, made by the hub (Mercure 1.0 says so).
-      const subscriber = `urn:uuid:${randomUUID()}`
-      const subscriptions = active
-      const added = track(subscriptions.add(selectors.map((s): Subscription => ({ subscriber, type: s.type, match: s.value, payload: payloadFor(grants, s.value) }))))
-      reply.raw.once('close', () => { track(added.then(async () => { await subscriptions.remove(subscriber) })) })
-    }
-    const stream = prepared.subscriber.writer as EventStream
-    try {
-      await app.streamCore.begin(prepared, (preamble) => stream.open(headers, preamble))
-    } catch (err) {
-      request.log.warn({ err: { message: (err as Error).message } }, 'replay failed; ending the Mercure stream')
-    }
-    return reply
+        return headers
+      },
+      begins: () => {
+        if (active === undefined) return undefined
+        // One identifier per connection, made by the hub (Mercure 1.0 says so).
+        const subscriber = `urn:uuid:${randomUUID()}`
+        const subscriptions = active
+        const added = track(subscriptions.add(selectors.map((s): Subscription => ({ subscriber, type: s.type, match: s.value, payload: payloadFor(grants, s.value) }))))
+        return () => { track(added.then(async () => { await subscriptions.remove(subscriber) })) }
+      },
+      sayRefusal: sayInComment
+    }, streamSettings)
   })
 
   app.post(MERCURE_PATH, {
