@@ -175,6 +175,9 @@ export function decodeUpdatePayload (json: unknown): MercureUpdate | undefined {
   if (typeof id !== 'string' || !SAFE_FIELD.test(id)) return undefined
   if (!Array.isArray(topics) || topics.length === 0 || !topics.every((t) => typeof t === 'string')) return undefined
   if (typeof data !== 'string') return undefined
+  // A `private` that is not a boolean (a row written by hand) is no update:
+  // read as false, "true" or 1 would make a private update public.
+  if (isPrivate !== undefined && isPrivate !== null && typeof isPrivate !== 'boolean') return undefined
   if (type !== undefined && type !== null && (typeof type !== 'string' || !SAFE_FIELD.test(type))) return undefined
   if (retry !== undefined && retry !== null && !(Number.isInteger(retry) && (retry as number) >= 0)) return undefined
   return {

@@ -63,7 +63,7 @@ t.test('the log payload is JSON and reads back; anything else is no update', asy
   const update: MercureUpdate = { id: 'i', topics: ['a', 'b'], data: 'd', private: true, type: 't', retry: 5 }
   t.same(decodeUpdatePayload(JSON.parse(encodeUpdatePayload(update))), update)
   t.same(decodeUpdatePayload(JSON.parse(encodeUpdatePayload({ id: 'i', topics: ['a'], data: '', private: false }))), { id: 'i', topics: ['a'], data: '', private: false, type: undefined, retry: undefined })
-  for (const bad of [null, 'text', { topics: ['a'], data: '' }, { id: 'i', topics: [], data: '' }, { id: 'i\nid: 2', topics: ['a'], data: '' }, { id: 'i', topics: ['a'], data: '', type: 'x\ry' }, { id: 'i', topics: ['a'], data: 1 }]) {
+  for (const bad of [null, 'text', { topics: ['a'], data: '' }, { id: 'i', topics: [], data: '' }, { id: 'i\nid: 2', topics: ['a'], data: '' }, { id: 'i', topics: ['a'], data: '', type: 'x\ry' }, { id: 'i', topics: ['a'], data: 1 }, { id: 'i', topics: ['a'], data: '', private: 'true' }, { id: 'i', topics: ['a'], data: '', private: 1 }]) {
     t.equal(decodeUpdatePayload(bad), undefined, JSON.stringify(bad))
   }
 })
