@@ -8,38 +8,10 @@
 //  - writing a table: INSERTs of one row (with synchronous_commit on and
 //    off), and of 100 rows per statement, into a table that is not
 //    captured and into one that is (sse_gateway.capture_changes).
-import { execFileSync } from 'node:child_process'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
-import pg from 'pg'
-import { migrate } from '../src/event-log.js'
-
-const ADMIN = process.env.DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres'
-const SECONDS = Number(process.env.SECONDS ?? 10)
-const ROUNDS = Number(process.env.ROUNDS ?? 3)
-
-async function logAt (version: number, setup = ''): Promise<string> {
-  const name = `pgsse_bench_rows_v${version}`
-  const admin = new pg.Client(ADMIN)
-  await admin.connect()
-  await admin.query(`DROP DATABASE IF EXISTS ${name}`)
-  await admin.query(`CREATE DATABASE ${name}`)
-  await admin.end()
-  const url = new URL(ADMIN)
-  url.pathname = `/${name}`
-  const client = new pg.Client(url.toString())
-  await client.connect()
-  await migrate(client, version)
-  if (setup !== '') await client.query(setup)
-  await client.end()
-  return url.toString()
-}
-
-function pgbench (url: string, script: string, options = ''): number {
-  const out = execFileSync('pgbench', ['-n', '-c', '4', '-j', '2', '-T', String(SECONDS), '-f', script, url], { encoding: 'utf8', env: { ...process.env, PGOPTIONS: options } })
-  return Number(/tps = ([0-9.]+)/.exec(out)?.[1] ?? 0)
-}
+import { logAt, pgbench, ROUNDS } from './pgbench.js'
 
 const dir = mkdtempSync(path.join(tmpdir(), 'row-capture-'))
 function script (name: string, sql: string): string {
@@ -62,8 +34,8 @@ const tables = `
   CREATE TABLE plain (id bigserial PRIMARY KEY, status text NOT NULL, total numeric NOT NULL, placed timestamptz NOT NULL DEFAULT now());
   CREATE TABLE captured (LIKE plain INCLUDING ALL);
   SELECT sse_gateway.capture_changes('public.captured');`
-const v6 = await logAt(6)
-const v7 = await logAt(7, tables)
+const v6 = await logAt('pgsse_bench_rows_v6', 6)
+const v7 = await logAt('pgsse_bench_rows_v7', 7, tables)
 
 const publishOne = script('publish', "SELECT sse_gateway.publish('bench', repeat('x', 64));")
 const publishBatch = script('publish-batch', "SELECT sse_gateway.publish_batch(array_fill('bench'::text, ARRAY[100]), array_fill(repeat('x', 64), ARRAY[100]));")

@@ -3,37 +3,11 @@
 // schema 5 (no MAC) and on one at schema 6 (HMAC-SHA-256 per event), in
 // turns, for single events and batches of 100. In the gateway: how long the
 // listener takes to verify one notification.
-import { execFileSync } from 'node:child_process'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
-import pg from 'pg'
-import { decodeNotification, encodeNotification, migrate } from '../src/event-log.js'
-
-const ADMIN = process.env.DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres'
-const SECONDS = Number(process.env.SECONDS ?? 10)
-const ROUNDS = Number(process.env.ROUNDS ?? 3)
-
-async function logAt (version: number): Promise<string> {
-  const name = `pgsse_bench_wire_v${version}`
-  const admin = new pg.Client(ADMIN)
-  await admin.connect()
-  await admin.query(`DROP DATABASE IF EXISTS ${name}`)
-  await admin.query(`CREATE DATABASE ${name}`)
-  await admin.end()
-  const url = new URL(ADMIN)
-  url.pathname = `/${name}`
-  const client = new pg.Client(url.toString())
-  await client.connect()
-  await migrate(client, version)
-  await client.end()
-  return url.toString()
-}
-
-function pgbench (url: string, script: string): number {
-  const out = execFileSync('pgbench', ['-n', '-c', '4', '-j', '2', '-T', String(SECONDS), '-f', script, url], { encoding: 'utf8' })
-  return Number(/tps = ([0-9.]+)/.exec(out)?.[1] ?? 0)
-}
+import { decodeNotification, encodeNotification } from '../src/event-log.js'
+import { logAt, pgbench, ROUNDS } from './pgbench.js'
 
 const dir = mkdtempSync(path.join(tmpdir(), 'wire-mac-'))
 const scripts = {
@@ -43,7 +17,7 @@ const scripts = {
 writeFileSync(scripts.single, "SELECT sse_gateway.publish('bench', repeat('x', 64));\n")
 writeFileSync(scripts.batch100, "SELECT sse_gateway.publish_batch(array_fill('bench'::text, ARRAY[100]), array_fill(repeat('x', 64), ARRAY[100]));\n")
 
-const logs = { v5: await logAt(5), v6: await logAt(6) }
+const logs = { v5: await logAt('pgsse_bench_wire_v5', 5), v6: await logAt('pgsse_bench_wire_v6', 6) }
 for (const [name, script] of Object.entries(scripts)) {
   const tps: Record<string, number[]> = { v5: [], v6: [] }
   for (let round = 0; round < ROUNDS; round++) {
